@@ -1,0 +1,1 @@
+"""The shared contract: feature encoding, the tower modules and the checkpoint format."""

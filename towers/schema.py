@@ -1,0 +1,188 @@
+"""Feature schema and side-table parsing shared by the training and reindex jobs.
+
+A side table (users or items) is a pandas DataFrame indexed by id whose columns are features:
+- ``categorical``: one string per row (missing -> "")
+- ``multi``: a tuple of strings per row (genres, tags); empty tuple when missing
+- ``numeric``: float per row (missing -> NaN, imputed with the training mean by the encoder)
+
+User ids are always strings (the wire accepts "7" and 7 as the same user). Item ids keep the
+catalogue's type: int64 when every id parses as an integer, str otherwise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+FeatureKind = Literal["categorical", "multi", "numeric"]
+MULTI_SEP = "|"
+_INT_RE = re.compile(r"-?\d+")
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file, and line/column where known."""
+
+    def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
+                 column: str | None = None) -> None:
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if column is not None:
+            where.append(f"column {column!r}")
+        self.path, self.line, self.column = path, line, column
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    kind: FeatureKind
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> FeatureSpec:
+        if d.get("kind") not in ("categorical", "multi", "numeric"):
+            raise ValueError(f"unknown feature kind {d.get('kind')!r} for feature {d.get('name')!r}")
+        return FeatureSpec(name=str(d["name"]), kind=d["kind"])
+
+
+def normalize_user_id(uid: Any) -> str:
+    """7, 7.0, "7" and " 7 " are the same user."""
+    if isinstance(uid, bool):
+        raise ValueError("a user id cannot be a boolean")
+    if isinstance(uid, float):
+        if not math.isfinite(uid) or uid != int(uid):
+            raise ValueError(f"user id {uid!r} is not an integer or string")
+        uid = int(uid)
+    s = str(uid).strip()
+    if not s:
+        raise ValueError("user id is empty")
+    return s
+
+
+def item_ids_are_int(values: Iterable[Any]) -> bool:
+    """True when every id is an integer or a string of digits (then the catalogue uses int64 ids)."""
+    for v in values:
+        if isinstance(v, bool):
+            return False
+        if isinstance(v, (int, np.integer)):
+            continue
+        if not _INT_RE.fullmatch(str(v).strip()):
+            return False
+    return True
+
+
+def coerce_item_ids(values: pd.Series, as_int: bool) -> pd.Series:
+    if as_int:
+        return values.map(lambda v: int(str(v).strip())).astype("int64")
+    return values.map(lambda v: str(v).strip()).astype(object)
+
+
+def infer_feature_columns(df: pd.DataFrame, *, path: str | Path | None = None) -> tuple[pd.DataFrame, list[FeatureSpec]]:
+    """Type every column of a side table: numbers numeric, ``|``-joined strings multi, strings categorical."""
+    specs: list[FeatureSpec] = []
+    out = pd.DataFrame(index=df.index)
+    for col in df.columns:
+        s = df[col]
+        name = str(col)
+        if pd.api.types.is_bool_dtype(s):
+            out[name] = s.astype(str)
+            specs.append(FeatureSpec(name, "categorical"))
+        elif pd.api.types.is_numeric_dtype(s):
+            out[name] = pd.to_numeric(s, errors="coerce").astype("float64")
+            specs.append(FeatureSpec(name, "numeric"))
+        else:
+            text = s.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+            if text.str.contains(MULTI_SEP, regex=False).any():
+                out[name] = text.map(split_multi)
+                specs.append(FeatureSpec(name, "multi"))
+            else:
+                out[name] = text.str.strip()
+                specs.append(FeatureSpec(name, "categorical"))
+    return out, specs
+
+
+def split_multi(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return tuple(str(v).strip() for v in value if str(v).strip())
+    if isinstance(value, float) and math.isnan(value):
+        return ()
+    return tuple(p.strip() for p in str(value).split(MULTI_SEP) if p.strip())
+
+
+def conform_table(df: pd.DataFrame, specs: list[FeatureSpec], *, path: str | Path | None = None) -> pd.DataFrame:
+    """Coerce a side table to the given specs (used when new items arrive for reindexing).
+
+    A missing column is an error: silently zero-filling a feature would change every vector.
+    """
+    out = pd.DataFrame(index=df.index)
+    for spec in specs:
+        if spec.name not in df.columns:
+            raise DataError(f"missing feature column {spec.name!r} (expected columns: "
+                            f"{', '.join(s.name for s in specs)})", path=path, column=spec.name)
+        s = df[spec.name]
+        if spec.kind == "numeric":
+            num = pd.to_numeric(s, errors="coerce")
+            bad = num.isna() & s.notna() & (s.astype(str).str.strip() != "")
+            if bad.any():
+                row = int(bad.to_numpy().nonzero()[0][0])
+                raise DataError(f"value {s.iloc[row]!r} is not a number", path=path, line=row + 2,
+                                column=spec.name)
+            out[spec.name] = num.astype("float64")
+        elif spec.kind == "multi":
+            out[spec.name] = s.map(split_multi)
+        else:
+            out[spec.name] = s.map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v))
+                                   else str(v).strip())
+    return out
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a CSV or Parquet file with every CSV cell as text (types are inferred per column later)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file not found", path=path)
+    if path.stat().st_size == 0:
+        raise DataError("file is empty", path=path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            return pd.read_parquet(path)
+        except Exception as exc:  # pyarrow raises many types
+            raise DataError(f"cannot read parquet: {exc}", path=path) from exc
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True,
+                         on_bad_lines="error")
+    except pd.errors.EmptyDataError as exc:
+        raise DataError("file is empty", path=path) from exc
+    except pd.errors.ParserError as exc:
+        line = _parser_error_line(str(exc))
+        raise DataError(f"unparsable CSV: {exc}", path=path, line=line) from exc
+    if df.empty:
+        raise DataError("file has a header but no rows", path=path)
+    # numeric-looking columns become numbers; the rest stay strings
+    for col in df.columns:
+        conv = pd.to_numeric(df[col], errors="coerce")
+        if conv.notna().sum() == df[col].notna().sum() and df[col].notna().any():
+            df[col] = conv
+    return df
+
+
+def _parser_error_line(msg: str) -> int | None:
+    m = re.search(r"line (\d+)", msg)
+    return int(m.group(1)) if m else None

@@ -1,0 +1,1 @@
+"""Command-line entry point `twotower`; sits outside the stage packages so it may import all of them."""
