@@ -1,0 +1,156 @@
+"""Self-describing checkpoints: config + encoder (vocabularies) + separate tower state dicts.
+
+Everything in the file is a tensor or plain data, so it loads with ``torch.load(weights_only=True)``:
+a checkpoint cannot run code when it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from towers.features import FeatureEncoder
+from towers.model import ItemTower, TowerConfig, UserTower
+
+FORMAT = "twotower-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """The file is not a usable checkpoint (missing, truncated, wrong format)."""
+
+
+@dataclass
+class TwoTowerModel:
+    config: TowerConfig
+    encoder: FeatureEncoder
+    user_tower: UserTower | None
+    item_tower: ItemTower | None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, config: TowerConfig, encoder: FeatureEncoder, meta: dict[str, Any] | None = None) -> TwoTowerModel:
+        m = encoder.meta()
+        return cls(config, encoder, UserTower(config, m), ItemTower(config, m), dict(meta or {}))
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    def eval(self) -> TwoTowerModel:
+        for t in (self.user_tower, self.item_tower):
+            if t is not None:
+                t.eval()
+        return self
+
+    @torch.no_grad()
+    def embed_items(self, items: pd.DataFrame, batch_size: int = 65536) -> np.ndarray:
+        """(N, D) float32 vectors for catalogue rows (indexed by item id), in the frame's order."""
+        if self.item_tower is None:
+            raise RuntimeError("this model was loaded without its item tower")
+        self.item_tower.eval()
+        dev = _device_of(self.item_tower)
+        out = np.empty((len(items), self.dim), dtype=np.float32)
+        for s in range(0, len(items), batch_size):
+            batch = self.encoder.encode_items(items.iloc[s: s + batch_size])
+            vec = self.item_tower({k: v.to(dev) for k, v in batch.items()})
+            out[s: s + len(vec)] = vec.float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def embed_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
+                    histories: Sequence[Sequence[Any]] | None, batch_size: int = 8192) -> np.ndarray:
+        """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
+        if self.user_tower is None:
+            raise RuntimeError("this model was loaded without its user tower")
+        self.user_tower.eval()
+        dev = _device_of(self.user_tower)
+        n = len(user_ids)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            feats: Any = None
+            if isinstance(features, pd.DataFrame):
+                feats = features.iloc[s:e]
+            elif features is not None:
+                feats = features[s:e]
+            batch = self.encoder.encode_users(user_ids[s:e], feats,
+                                              histories[s:e] if histories is not None else None)
+            out[s:e] = self.user_tower({k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
+        return out
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def checkpoint_payload(model: TwoTowerModel, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    if model.user_tower is None or model.item_tower is None:
+        raise ValueError("a checkpoint holds both towers")
+    return {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "encoder": model.encoder.to_dict(),
+        "user_tower": {k: v.detach().cpu() for k, v in model.user_tower.state_dict().items()},
+        "item_tower": {k: v.detach().cpu() for k, v in model.item_tower.state_dict().items()},
+        "meta": dict(meta if meta is not None else model.meta),
+    }
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model: TwoTowerModel, meta: dict[str, Any] | None = None) -> None:
+    atomic_torch_save(checkpoint_payload(model, meta), path)
+
+
+def load_checkpoint(path: str | Path, parts: Sequence[str] = ("user", "item"),
+                    map_location: str | torch.device = "cpu") -> TwoTowerModel:
+    """Rebuild the model from the file alone. ``parts`` picks the towers to build (serving needs
+    only "user")."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickled code...
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} file")
+    try:
+        config = TowerConfig.from_dict(payload["config"])
+        encoder = FeatureEncoder.from_dict(payload["encoder"])
+        meta = encoder.meta()
+        user = item = None
+        if "user" in parts:
+            user = UserTower(config, meta)
+            user.load_state_dict(payload["user_tower"])
+            user.eval()
+        if "item" in parts:
+            item = ItemTower(config, meta)
+            item.load_state_dict(payload["item_tower"])
+            item.eval()
+    except (KeyError, RuntimeError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint does not match its own config ({exc})") from exc
+    return TwoTowerModel(config, encoder, user, item, dict(payload.get("meta", {})))

@@ -1,0 +1,327 @@
+"""Feature encoding: raw ids and side-table values -> integer rows and normalised numbers.
+
+Row 0 of every table is reserved: it is padding for sequences and the out-of-vocabulary bucket for
+ids and values never seen at fit time. The encoder is plain data (lists, dicts, floats) so it
+travels inside the checkpoint and loads with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from towers.schema import FeatureSpec, normalize_user_id, split_multi
+
+PAD = 0  # padding / out-of-vocabulary row
+
+
+@dataclass
+class Vocab:
+    """String -> row. Exact when the vocabulary is enumerable, hashed into buckets otherwise."""
+
+    tokens: list[str]
+    hash_buckets: int = 0  # > 0: rows are 1 + crc32(token) % hash_buckets, `tokens` is unused
+
+    def __post_init__(self) -> None:
+        self._index = {t: i + 1 for i, t in enumerate(self.tokens)} if not self.hash_buckets else {}
+
+    @property
+    def size(self) -> int:
+        """Rows including the reserved row 0."""
+        return 1 + (self.hash_buckets or len(self.tokens))
+
+    def row(self, token: str) -> int:
+        if self.hash_buckets:
+            # crc32 is stable across processes, unlike hash(); collisions are the price of no vocabulary
+            return 1 + zlib.crc32(token.encode("utf-8")) % self.hash_buckets
+        return self._index.get(token, PAD)
+
+    def rows(self, tokens: Iterable[str]) -> list[int]:
+        return [self.row(t) for t in tokens]
+
+    @staticmethod
+    def build(values: Iterable[str], *, max_size: int = 200_000, hash_buckets: int = 50_000) -> Vocab:
+        uniq = sorted({v for v in values if v != ""})
+        if len(uniq) > max_size:
+            return Vocab(tokens=[], hash_buckets=hash_buckets)
+        return Vocab(tokens=uniq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"tokens": list(self.tokens), "hash_buckets": int(self.hash_buckets)}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Vocab:
+        return Vocab(tokens=[str(t) for t in d["tokens"]], hash_buckets=int(d.get("hash_buckets", 0)))
+
+
+def _feature_key(side: str, spec: FeatureSpec) -> str:
+    return f"{side}:{spec.kind}:{spec.name}"
+
+
+class FeatureEncoder:
+    """Maps users, items and their side features to tensors the towers consume.
+
+    Batch dictionaries use these keys:
+      user side: ``user_row`` (B,), ``hist`` (B, L) item rows, 0 = padding, and one key per user
+      feature; item side: ``item_row`` (N,) and one key per item feature. Feature keys are
+      ``"<side>:<kind>:<name>"``: categorical (B,) long, multi (B, M) long padded with 0,
+      numeric (B,) float (standardised, missing -> 0 i.e. the training mean).
+    """
+
+    def __init__(self, *, user_features: list[FeatureSpec], item_features: list[FeatureSpec],
+                 user_ids: list[str], item_ids: list[Any], item_id_is_int: bool,
+                 vocabs: dict[str, Vocab], numeric_stats: dict[str, tuple[float, float]],
+                 history_len: int = 50) -> None:
+        self.user_features = list(user_features)
+        self.item_features = list(item_features)
+        self.user_ids = [str(u) for u in user_ids]
+        self.item_ids = [int(i) for i in item_ids] if item_id_is_int else [str(i) for i in item_ids]
+        self.item_id_is_int = item_id_is_int
+        self.vocabs = vocabs
+        self.numeric_stats = numeric_stats
+        self.history_len = int(history_len)
+        self._user_row = {u: i + 1 for i, u in enumerate(self.user_ids)}
+        self._item_row = {i: r + 1 for r, i in enumerate(self.item_ids)}
+
+    # ---------------------------------------------------------------- fitting and serialisation
+    @classmethod
+    def fit(cls, users: pd.DataFrame, items: pd.DataFrame, user_features: list[FeatureSpec],
+            item_features: list[FeatureSpec], *, history_len: int = 50,
+            max_vocab: int = 200_000, hash_buckets: int = 50_000) -> FeatureEncoder:
+        """Fit vocabularies and numeric statistics on the training tables.
+
+        ``users``/``items`` are indexed by id; every id in them gets its own row.
+        """
+        from towers.schema import item_ids_are_int
+
+        item_ids = list(items.index)
+        is_int = item_ids_are_int(item_ids)
+        vocabs: dict[str, Vocab] = {}
+        stats: dict[str, tuple[float, float]] = {}
+        for side, table, specs in (("user", users, user_features), ("item", items, item_features)):
+            for spec in specs:
+                key = _feature_key(side, spec)
+                col = table[spec.name] if spec.name in table.columns else pd.Series([], dtype=object)
+                if spec.kind == "numeric":
+                    vals = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+                    vals = vals[np.isfinite(vals)]
+                    mean = float(vals.mean()) if vals.size else 0.0
+                    std = float(vals.std()) if vals.size else 1.0
+                    stats[key] = (mean, std if std > 1e-12 else 1.0)
+                elif spec.kind == "multi":
+                    vocabs[key] = Vocab.build((t for v in col for t in split_multi(v)),
+                                              max_size=max_vocab, hash_buckets=hash_buckets)
+                else:
+                    vocabs[key] = Vocab.build((_cat(v) for v in col), max_size=max_vocab,
+                                              hash_buckets=hash_buckets)
+        return cls(user_features=user_features, item_features=item_features,
+                   user_ids=[normalize_user_id(u) for u in users.index], item_ids=item_ids,
+                   item_id_is_int=is_int, vocabs=vocabs, numeric_stats=stats, history_len=history_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "user_features": [s.to_dict() for s in self.user_features],
+            "item_features": [s.to_dict() for s in self.item_features],
+            "user_ids": self.user_ids,
+            "item_ids": self.item_ids,
+            "item_id_is_int": self.item_id_is_int,
+            "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
+            "numeric_stats": {k: [float(m), float(s)] for k, (m, s) in self.numeric_stats.items()},
+            "history_len": self.history_len,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> FeatureEncoder:
+        return cls(
+            user_features=[FeatureSpec.from_dict(s) for s in d["user_features"]],
+            item_features=[FeatureSpec.from_dict(s) for s in d["item_features"]],
+            user_ids=list(d["user_ids"]), item_ids=list(d["item_ids"]),
+            item_id_is_int=bool(d["item_id_is_int"]),
+            vocabs={k: Vocab.from_dict(v) for k, v in d["vocabs"].items()},
+            numeric_stats={k: (float(v[0]), float(v[1])) for k, v in d["numeric_stats"].items()},
+            history_len=int(d["history_len"]),
+        )
+
+    # ---------------------------------------------------------------- sizes for the towers
+    @property
+    def n_user_rows(self) -> int:
+        return len(self.user_ids) + 1
+
+    @property
+    def n_item_rows(self) -> int:
+        return len(self.item_ids) + 1
+
+    def meta(self) -> dict[str, Any]:
+        """What a tower needs to size its tables: rows per id/feature table and feature keys."""
+        return {
+            "n_user_rows": self.n_user_rows,
+            "n_item_rows": self.n_item_rows,
+            "user": [(_feature_key("user", s), s.kind, self._size(_feature_key("user", s), s))
+                     for s in self.user_features],
+            "item": [(_feature_key("item", s), s.kind, self._size(_feature_key("item", s), s))
+                     for s in self.item_features],
+        }
+
+    def _size(self, key: str, spec: FeatureSpec) -> int:
+        return 1 if spec.kind == "numeric" else self.vocabs[key].size
+
+    # ---------------------------------------------------------------- id lookups
+    def normalize_item_id(self, item_id: Any) -> Any:
+        """Request ids may arrive as "42" or 42; the catalogue decides which type is meant."""
+        if self.item_id_is_int:
+            if isinstance(item_id, bool):
+                raise ValueError(f"item id {item_id!r} is not an integer")
+            if isinstance(item_id, float) and item_id.is_integer():
+                return int(item_id)
+            return int(str(item_id).strip())
+        return str(item_id).strip()
+
+    def item_row(self, item_id: Any) -> int:
+        try:
+            return self._item_row.get(self.normalize_item_id(item_id), PAD)
+        except (ValueError, TypeError):
+            return PAD
+
+    def item_rows(self, item_ids: Iterable[Any]) -> np.ndarray:
+        return np.fromiter((self.item_row(i) for i in item_ids), dtype=np.int64)
+
+    def user_row(self, user_id: Any) -> int:
+        if user_id is None:
+            return PAD
+        try:
+            return self._user_row.get(normalize_user_id(user_id), PAD)
+        except ValueError:
+            return PAD
+
+    def user_rows(self, user_ids: Iterable[Any]) -> np.ndarray:
+        return np.fromiter((self.user_row(u) for u in user_ids), dtype=np.int64)
+
+    # ---------------------------------------------------------------- encoding
+    def _encode_side(self, side: str, specs: list[FeatureSpec], rows: Sequence[Mapping[str, Any] | None],
+                     out: dict[str, torch.Tensor]) -> None:
+        n = len(rows)
+        for spec in specs:
+            key = _feature_key(side, spec)
+            values = [(r.get(spec.name) if r is not None else None) for r in rows]
+            if spec.kind == "numeric":
+                mean, std = self.numeric_stats[key]
+                arr = np.array([_num(v) for v in values], dtype=np.float64)
+                arr = np.where(np.isfinite(arr), (arr - mean) / std, 0.0)
+                out[key] = torch.from_numpy(np.clip(arr, -5.0, 5.0).astype(np.float32))
+            elif spec.kind == "multi":
+                vocab = self.vocabs[key]
+                bags = [[r for r in vocab.rows(split_multi(v)) if r != PAD] for v in values]
+                width = max([1] + [len(b) for b in bags])
+                mat = np.zeros((n, width), dtype=np.int64)  # (N, M), 0 = padding, ignored by pooling
+                for i, b in enumerate(bags):
+                    mat[i, : len(b)] = b
+                out[key] = torch.from_numpy(mat)
+            else:
+                vocab = self.vocabs[key]
+                out[key] = torch.tensor([vocab.row(_cat(v)) for v in values], dtype=torch.long)
+
+    def encode_items(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Encode catalogue rows (indexed by item id). Ids unknown to the encoder get row 0:
+        the tower then embeds them from content features alone (cold-start items)."""
+        out: dict[str, torch.Tensor] = {
+            "item_row": torch.from_numpy(self.item_rows(items.index)),
+        }
+        self._encode_side("item", self.item_features, _records(items, self.item_features), out)
+        return out
+
+    def encode_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
+                     histories: Sequence[Sequence[Any]] | None) -> dict[str, torch.Tensor]:
+        """Encode a batch of users.
+
+        ``user_ids``: ids (None or unknown -> row 0); ``features``: a DataFrame aligned with
+        ``user_ids`` or one dict per user (None -> all missing); ``histories``: catalogue item ids
+        per user, oldest first; unknown ids are skipped and only the last ``history_len`` kept.
+        """
+        n = len(user_ids)
+        out: dict[str, torch.Tensor] = {"user_row": torch.from_numpy(self.user_rows(user_ids))}
+        if features is None:
+            recs: Sequence[Mapping[str, Any] | None] = [None] * n
+        elif isinstance(features, pd.DataFrame):
+            recs = _records(features, self.user_features)
+        else:
+            recs = features
+        if len(recs) != n:
+            raise ValueError(f"{len(recs)} feature rows for {n} users")
+        self._encode_side("user", self.user_features, recs, out)
+        hist_rows = [self.history_rows(h) for h in (histories if histories is not None else [[]] * n)]
+        out["hist"] = torch.from_numpy(pad_rows(hist_rows, self.history_len))
+        return out
+
+    def history_rows(self, history: Sequence[Any]) -> np.ndarray:
+        rows = self.item_rows(history)
+        rows = rows[rows != PAD]
+        return rows[-self.history_len:]
+
+    def encode_user_table(self, users: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Side features of every known user in user-row order (row 0 = unknown user), for
+        training loops that gather feature rows by index instead of re-encoding per batch."""
+        table = users.copy()
+        table.index = [normalize_user_id(u) for u in table.index]
+        table = table.reindex(self.user_ids)
+        out: dict[str, torch.Tensor] = {}
+        recs: list[Mapping[str, Any] | None] = [None]
+        recs.extend(_records(table, self.user_features))
+        self._encode_side("user", self.user_features, recs, out)
+        out["user_row"] = torch.arange(self.n_user_rows, dtype=torch.long)
+        return out
+
+    def encode_item_table(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
+        """Every catalogue item in item-row order (row 0 = padding)."""
+        table = items.reindex(self.item_ids)
+        out: dict[str, torch.Tensor] = {}
+        recs: list[Mapping[str, Any] | None] = [None]
+        recs.extend(_records(table, self.item_features))
+        self._encode_side("item", self.item_features, recs, out)
+        out["item_row"] = torch.arange(self.n_item_rows, dtype=torch.long)
+        return out
+
+
+def gather_rows(table: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Select rows of an encoded table (from encode_user_table / encode_item_table)."""
+    return {k: v.index_select(0, rows) for k, v in table.items()}
+
+
+def pad_rows(seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
+    """(B, width) matrix, sequences left-aligned, 0-padded; longer ones keep their last ``width``."""
+    mat = np.zeros((len(seqs), max(1, width)), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-width:]
+        mat[i, : len(s)] = s
+    return mat
+
+
+def _records(df: pd.DataFrame, specs: list[FeatureSpec]) -> list[Mapping[str, Any] | None]:
+    cols = [s.name for s in specs if s.name in df.columns]
+    if not cols:
+        return [None] * len(df)
+    sub = df[cols]
+    return [dict(zip(cols, vals, strict=True)) for vals in sub.itertuples(index=False, name=None)]
+
+
+def _cat(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return str(v).strip()
+
+
+def _num(v: Any) -> float:
+    if v is None or isinstance(v, bool):
+        return math.nan
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan

@@ -1,0 +1,206 @@
+"""The tower modules: only nn.Modules live here (loss and sampling are in ``training/``).
+
+UserTower and ItemTower are separate modules with separate state dicts so the service loads only
+the user side. Both end in an L2 normalisation: scores are cosines, and the loss divides them by
+``TowerConfig.temperature``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODELS = ("youtubednn", "dssm")
+
+
+@dataclass
+class TowerConfig:
+    model: str = "youtubednn"          # "youtubednn" | "dssm"
+    dim: int = 64                       # output (retrieval) dimension
+    emb_dim: int = 64                   # id / history embedding width
+    feature_dim: int = 16               # side-feature embedding width
+    hidden: tuple[int, ...] = (256,)    # MLP hidden layers of each tower
+    dropout: float = 0.0
+    temperature: float = 0.05           # logits = cosine / temperature
+    use_user_id: bool = True            # a learned per-user embedding (OOV row for new users)
+    use_history: bool = True            # mean-pooled embeddings of the user's recent items
+    use_user_features: bool = True
+    use_item_features: bool = True      # YoutubeDNN: content features added to the softmax weights
+    item_id_embedding: bool = True      # DSSM: the item id as an input of the item MLP
+    multi_pooling: str = "mean"         # "mean" | "sum" for multi-valued features (EmbeddingBag)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.multi_pooling not in ("mean", "sum"):
+            raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {self.multi_pooling!r}")
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.temperature <= 0:
+            raise ValueError("temperature must be > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class SideFeatures(nn.Module):
+    """Embeds one side's features and concatenates them: categorical -> Embedding,
+    multi-valued -> EmbeddingBag (padding row 0 excluded from the pooling), numeric -> as is."""
+
+    def __init__(self, specs: list[tuple[str, str, int]], feature_dim: int, pooling: str) -> None:
+        super().__init__()
+        self.keys = [k for k, _, _ in specs]
+        self.kinds = {k: kind for k, kind, _ in specs}
+        # ModuleDict keys cannot contain "." and must be stable: index by position
+        self.tables = nn.ModuleDict()
+        self.out_dim = 0
+        for i, (_key, kind, size) in enumerate(specs):
+            if kind == "categorical":
+                self.tables[str(i)] = nn.Embedding(size, feature_dim, padding_idx=0)
+                self.out_dim += feature_dim
+            elif kind == "multi":
+                self.tables[str(i)] = nn.EmbeddingBag(size, feature_dim, mode=pooling, padding_idx=0)
+                self.out_dim += feature_dim
+            else:
+                self.out_dim += 1
+        for t in self.tables.values():
+            nn.init.normal_(t.weight, std=0.05)
+            with torch.no_grad():
+                t.weight[0].zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        parts = []
+        for i, key in enumerate(self.keys):
+            x = batch[key]
+            kind = self.kinds[key]
+            if kind == "numeric":
+                parts.append(x.float().unsqueeze(-1))  # (B, 1)
+            else:
+                parts.append(self.tables[str(i)](x))  # (B, feature_dim)
+        return torch.cat(parts, dim=-1) if parts else None
+
+
+def mlp(in_dim: int, hidden: tuple[int, ...], out_dim: int, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def masked_mean(emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, L, D) embeddings over positions whose row is not padding -> (B, D).
+    A user with an empty history gets a zero vector (the MLP still sees the other inputs)."""
+    mask = (rows != 0).unsqueeze(-1).to(emb.dtype)  # (B, L, 1)
+    total = (emb * mask).sum(dim=1)  # (B, D)
+    count = mask.sum(dim=1).clamp_min(1.0)  # (B, 1)
+    return total / count
+
+
+class UserTower(nn.Module):
+    """User id embedding + mean-pooled history + user side features -> MLP -> unit vector.
+
+    YoutubeDNN and DSSM share this shape; they differ in the defaults (DSSM has no history unless
+    asked) and, mostly, on the item side.
+    """
+
+    def __init__(self, cfg: TowerConfig, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        in_dim = 0
+        self.user_emb: nn.Embedding | None = None
+        self.hist_emb: nn.Embedding | None = None
+        if cfg.use_user_id:
+            self.user_emb = nn.Embedding(meta["n_user_rows"], cfg.emb_dim, padding_idx=0)
+            nn.init.normal_(self.user_emb.weight, std=0.05)
+            in_dim += cfg.emb_dim
+        if cfg.use_history:
+            self.hist_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0)
+            nn.init.normal_(self.hist_emb.weight, std=0.05)
+            in_dim += cfg.emb_dim
+        self.features = SideFeatures(meta["user"] if cfg.use_user_features else [], cfg.feature_dim,
+                                     cfg.multi_pooling)
+        in_dim += self.features.out_dim
+        if in_dim == 0:
+            raise ValueError("the user tower has no inputs: enable user ids, history or features")
+        self.mlp = mlp(in_dim, cfg.hidden, cfg.dim, cfg.dropout)
+        with torch.no_grad():
+            for emb in (self.user_emb, self.hist_emb):
+                if emb is not None:
+                    emb.weight[0].zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        if self.user_emb is not None:
+            parts.append(self.user_emb(batch["user_row"]))  # (B, E)
+        if self.hist_emb is not None:
+            hist = batch["hist"]  # (B, L)
+            parts.append(masked_mean(self.hist_emb(hist), hist))  # (B, E)
+        side = self.features(batch)
+        if side is not None:
+            parts.append(side)
+        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # (B, D)
+
+
+class ItemTower(nn.Module):
+    """YoutubeDNN: the item vector is a softmax weight (an id embedding of width ``dim``), plus,
+    optionally, a projection of content features so an item never seen in training (row 0) still
+    gets a vector. DSSM: an MLP over the id embedding and content features."""
+
+    def __init__(self, cfg: TowerConfig, meta: dict[str, Any]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.features = SideFeatures(meta["item"] if cfg.use_item_features else [], cfg.feature_dim,
+                                     cfg.multi_pooling)
+        self.id_emb: nn.Embedding | None = None
+        self.content: nn.Sequential | None = None
+        self.mlp: nn.Sequential | None = None
+        if cfg.model == "youtubednn":
+            self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.dim, padding_idx=0)
+            nn.init.normal_(self.id_emb.weight, std=0.05)
+            if self.features.out_dim:
+                self.content = mlp(self.features.out_dim, cfg.hidden, cfg.dim, cfg.dropout)
+        else:
+            in_dim = self.features.out_dim
+            if cfg.item_id_embedding:
+                self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0)
+                nn.init.normal_(self.id_emb.weight, std=0.05)
+                in_dim += cfg.emb_dim
+            if in_dim == 0:
+                raise ValueError("the DSSM item tower has no inputs: enable item ids or features")
+            self.mlp = mlp(in_dim, cfg.hidden, cfg.dim, cfg.dropout)
+        if self.id_emb is not None:
+            with torch.no_grad():
+                self.id_emb.weight[0].zero_()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        side = self.features(batch)
+        if self.mlp is None:  # YoutubeDNN
+            assert self.id_emb is not None
+            vec = self.id_emb(batch["item_row"])  # (N, D)
+            if self.content is not None and side is not None:
+                vec = vec + self.content(side)
+        else:
+            parts = []
+            if self.id_emb is not None:
+                parts.append(self.id_emb(batch["item_row"]))
+            if side is not None:
+                parts.append(side)
+            vec = self.mlp(torch.cat(parts, dim=-1))
+        # eps keeps a cold item with no features (all-zero input) at a finite, zero vector
+        return F.normalize(vec, dim=-1, eps=1e-8)  # (N, D)
