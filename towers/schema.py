@@ -33,15 +33,19 @@ class DataError(ValueError):
     """Bad input data. The message names the file, and line/column where known."""
 
     def __init__(self, message: str, *, path: str | Path | None = None, line: int | None = None,
-                 column: str | None = None) -> None:
+                 column: str | None = None, row: int | None = None) -> None:
+        # ``line`` is a 1-based text line (CSV: the header is line 1); ``row`` is a 1-based row of a
+        # file without lines (Parquet).
         where = []
         if path is not None:
             where.append(str(path))
         if line is not None:
             where.append(f"line {line}")
+        if row is not None:
+            where.append(f"row {row}")
         if column is not None:
             where.append(f"column {column!r}")
-        self.path, self.line, self.column = path, line, column
+        self.path, self.line, self.column, self.row = path, line, column, row
         super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
 
 
@@ -99,7 +103,11 @@ def infer_feature_columns(df: pd.DataFrame, *, path: str | Path | None = None) -
     for col in df.columns:
         s = df[col]
         name = str(col)
-        if pd.api.types.is_bool_dtype(s):
+        if s.dtype == object and s.map(_is_listlike).any():
+            # Parquet stores multi-valued features as lists (they come back as numpy arrays)
+            out[name] = s.map(split_multi)
+            specs.append(FeatureSpec(name, "multi"))
+        elif pd.api.types.is_bool_dtype(s):
             out[name] = s.astype(str)
             specs.append(FeatureSpec(name, "categorical"))
         elif pd.api.types.is_numeric_dtype(s):
@@ -119,11 +127,16 @@ def infer_feature_columns(df: pd.DataFrame, *, path: str | Path | None = None) -
 def split_multi(value: Any) -> tuple[str, ...]:
     if value is None:
         return ()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, np.ndarray)):
+        # a list column read back from Parquet arrives as a numpy array
         return tuple(str(v).strip() for v in value if str(v).strip())
     if isinstance(value, float) and math.isnan(value):
         return ()
     return tuple(p.strip() for p in str(value).split(MULTI_SEP) if p.strip())
+
+
+def _is_listlike(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
 
 
 def conform_table(df: pd.DataFrame, specs: list[FeatureSpec], *, path: str | Path | None = None) -> pd.DataFrame:
@@ -153,34 +166,70 @@ def conform_table(df: pd.DataFrame, specs: list[FeatureSpec], *, path: str | Pat
     return out
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV or Parquet file with every CSV cell as text (types are inferred per column later)."""
+def read_table(path: str | Path, *, text_columns: Iterable[str] = ()) -> pd.DataFrame:
+    """Read a CSV or Parquet file; CSV columns whose every value is a number become numeric.
+
+    ``text_columns`` stay text in a CSV (ids such as "007" must not become 7). Blank CSV lines are
+    skipped. A Parquet file written from a frame indexed by id (as the artifacts are) gets its index
+    back as the first column.
+    """
+    return read_table_with_lines(path, text_columns=text_columns)[0]
+
+
+def read_table_with_lines(path: str | Path, *, text_columns: Iterable[str] = ()) -> tuple[pd.DataFrame, np.ndarray]:
+    """``read_table`` plus where each row came from, for error messages.
+
+    Returns ``(df, where)``: for a CSV ``where[i]`` is the 1-based file line of row ``i`` (the header is
+    line 1, blank lines are counted); for Parquet it is the 1-based row number.
+    """
+    keep_text = set(text_columns)
     path = Path(path)
     if not path.exists():
         raise DataError("file not found", path=path)
     if path.stat().st_size == 0:
         raise DataError("file is empty", path=path)
-    if path.suffix.lower() in (".parquet", ".pq"):
+    if is_parquet(path):
         try:
-            return pd.read_parquet(path)
+            df = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types
             raise DataError(f"cannot read parquet: {exc}", path=path) from exc
+        if df.empty:
+            raise DataError("file has no rows", path=path)
+        has_named_index = any(n is not None for n in df.index.names)
+        df = df.reset_index(drop=not has_named_index)
+        df.columns = [str(c).strip() for c in df.columns]
+        return df, np.arange(1, len(df) + 1, dtype=np.int64)
     try:
+        # blank lines are kept as all-NaN rows so row positions map to file lines
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True,
-                         on_bad_lines="error")
+                         on_bad_lines="error", skip_blank_lines=False)
     except pd.errors.EmptyDataError as exc:
         raise DataError("file is empty", path=path) from exc
     except pd.errors.ParserError as exc:
         line = _parser_error_line(str(exc))
         raise DataError(f"unparsable CSV: {exc}", path=path, line=line) from exc
+    except UnicodeDecodeError as exc:
+        raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from exc
+    df.columns = [str(c).strip() for c in df.columns]
+    lines = np.arange(2, len(df) + 2, dtype=np.int64)  # header is line 1
+    blank = df.isna().all(axis=1).to_numpy()
+    if blank.any():
+        df = df.loc[~blank].reset_index(drop=True)
+        lines = lines[~blank]
     if df.empty:
         raise DataError("file has a header but no rows", path=path)
     # numeric-looking columns become numbers; the rest stay strings
     for col in df.columns:
+        if col in keep_text:
+            continue
         conv = pd.to_numeric(df[col], errors="coerce")
         if conv.notna().sum() == df[col].notna().sum() and df[col].notna().any():
             df[col] = conv
-    return df
+    return df, lines
+
+
+def is_parquet(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".parquet", ".pq")
 
 
 def _parser_error_line(msg: str) -> int | None:
