@@ -1,0 +1,589 @@
+"""Nearest-neighbour search over item vectors: the ONE module that talks to FAISS.
+
+Everything else (the reindex job, the bundle loader, the service) goes through the ``Searcher``
+protocol: ``search(queries (B, D) float32, k) -> (scores (B, k) float32, ids (B, k) int64)``.
+Scores are inner products (the towers emit L2-normalised vectors, so they are cosines). Where an
+index has fewer than ``k`` results for a query the row is padded with id ``-1`` and score ``-inf``,
+whatever the backend, so callers filter on ``ids >= 0`` alone.
+
+Three backends share that contract:
+- ``FaissSearcher``: any FAISS factory string (Flat, IVFn,Flat, IVFn,PQm, HNSW32, SQ8, ...), ids
+  given with ``add_with_ids``; moved to the GPU when faiss-gpu sees one.
+- ``ExactSearcher``: numpy brute force; the ground truth for the recall gate and for tests.
+- ``TorchExactSearcher``: exact matmul + topk in torch, used on CUDA when faiss-gpu is missing.
+
+``IdMap`` translates between catalogue item ids (int or str) and the int64 ids FAISS stores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:  # faiss and torch are imported lazily: `twotower --help` must stay fast
+    import faiss
+
+log = logging.getLogger(__name__)
+
+ItemId = int | str
+# FAISS pads missing results with -FLT_MAX for inner product; we normalise that to -inf everywhere.
+_PAD_SCORE = -np.inf
+# Exact search computes score blocks of at most this many floats (256 MiB) to bound memory.
+_BLOCK_ELEMS = 64 * 1024 * 1024
+
+
+class SearchError(ValueError):
+    """Bad search input or an index that cannot be built/loaded; the message says which."""
+
+
+@runtime_checkable
+class Searcher(Protocol):
+    dim: int
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries (B, D) float32 -> scores (B, k) float32, ids (B, k) int64 (-1 where fewer)."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# threads and GPU detection
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set FAISS's OpenMP thread count (default: env TT_FAISS_THREADS, else the CPU count).
+
+    Oversubscribing a 2-core box with more OpenMP threads than cores makes every search slower, and
+    FAISS's default can exceed the cores a container is given, so we set it explicitly.
+    """
+    import faiss
+
+    if n is None:
+        env = os.environ.get("TT_FAISS_THREADS", "").strip()
+        n = int(env) if env else _available_cpus()
+    n = max(1, int(n))
+    faiss.omp_set_num_threads(n)
+    return n
+
+
+def _available_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def faiss_gpus() -> int:
+    """Number of GPUs faiss can use (0 with faiss-cpu)."""
+    import faiss
+
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get is not None else 0
+
+
+def torch_cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a runtime dependency
+        return False
+    return bool(torch.cuda.is_available())
+
+
+# --------------------------------------------------------------------------------------------
+# input checks shared by every backend
+
+
+def _check_vectors(vectors: np.ndarray, what: str = "vectors") -> np.ndarray:
+    arr = np.asarray(vectors)
+    if arr.ndim != 2:
+        raise SearchError(f"{what} must be a 2-D array (N, D), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise SearchError(f"{what} have dimension 0")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int(np.argwhere(~np.isfinite(arr))[0][0])
+        raise SearchError(f"{what} contain NaN or inf (first at row {bad})")
+    return arr
+
+
+def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.shape != (n,):
+        raise SearchError(f"ids must have shape ({n},), got {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise SearchError(f"FAISS ids must be integers, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64, copy=False)
+    if n and ids.min() < 0:
+        raise SearchError("FAISS ids must be >= 0 (-1 marks a missing result)")
+    if len(np.unique(ids)) != n:
+        raise SearchError("FAISS ids are not unique")
+    return ids
+
+
+def _check_queries(queries: np.ndarray, dim: int, k: int) -> np.ndarray:
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise SearchError(f"queries must have shape (B, {dim}), got {np.asarray(queries).shape}")
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise SearchError(f"k must be a positive integer, got {k!r}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise SearchError("queries contain NaN or inf")
+    return q
+
+
+def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad (B, k') results to (B, k) with id -1 / score -inf."""
+    b, have = ids.shape
+    if have >= k:
+        return scores, ids
+    s = np.full((b, k), _PAD_SCORE, dtype=np.float32)
+    i = np.full((b, k), -1, dtype=np.int64)
+    s[:, :have] = scores
+    i[:, :have] = ids
+    return s, i
+
+
+# --------------------------------------------------------------------------------------------
+# exact backends
+
+
+class ExactSearcher:
+    """Brute-force inner-product search in numpy; the ground truth every index is measured against."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
+        self.vectors = _check_vectors(vectors)  # (N, D)
+        n = self.vectors.shape[0]
+        self.ids = _check_ids(np.arange(n) if ids is None else ids, n)
+        self.dim = int(self.vectors.shape[1])
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = _check_queries(queries, self.dim, k)  # (B, D)
+        n = self.ntotal
+        kk = min(k, n)
+        b = q.shape[0]
+        out_s = np.empty((b, kk), dtype=np.float32)
+        out_i = np.empty((b, kk), dtype=np.int64)
+        if kk == 0:
+            return _pad(out_s, out_i, k)
+        # block over queries and items so a 1M-item catalogue never needs a (B, N) matrix at once
+        item_block = max(kk, min(n, _BLOCK_ELEMS // max(1, min(b, 1024))))
+        q_block = max(1, min(b, _BLOCK_ELEMS // item_block))
+        for q0 in range(0, b, q_block):
+            qb = q[q0:q0 + q_block]
+            best_s = np.full((qb.shape[0], 0), _PAD_SCORE, dtype=np.float32)
+            best_r = np.zeros((qb.shape[0], 0), dtype=np.int64)  # row positions
+            for i0 in range(0, n, item_block):
+                s = qb @ self.vectors[i0:i0 + item_block].T  # (bq, ib)
+                take = min(kk, s.shape[1])
+                part = np.argpartition(-s, take - 1, axis=1)[:, :take] if take < s.shape[1] else \
+                    np.broadcast_to(np.arange(s.shape[1]), (s.shape[0], s.shape[1]))
+                cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
+                cand_r = np.concatenate([best_r, part + i0], axis=1)
+                keep = min(kk, cand_s.shape[1])
+                sel = np.argpartition(-cand_s, keep - 1, axis=1)[:, :keep] if keep < cand_s.shape[1] else \
+                    np.broadcast_to(np.arange(cand_s.shape[1]), cand_s.shape)
+                best_s = np.take_along_axis(cand_s, sel, axis=1)
+                best_r = np.take_along_axis(cand_r, sel, axis=1)
+            # best first; ties broken by row so the result is deterministic
+            order = np.lexsort((best_r, -best_s), axis=1)
+            out_s[q0:q0 + q_block] = np.take_along_axis(best_s, order, axis=1)
+            out_i[q0:q0 + q_block] = self.ids[np.take_along_axis(best_r, order, axis=1)]
+        return _pad(out_s, out_i, k)
+
+
+class TorchExactSearcher:
+    """Exact search as one matmul + topk in torch: the GPU path when faiss-gpu is not installed."""
+
+    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, device: str | None = None,
+                 half: bool = False) -> None:
+        import torch
+
+        vecs = _check_vectors(vectors)
+        n = vecs.shape[0]
+        self.ids = _check_ids(np.arange(n) if ids is None else ids, n)
+        self.dim = int(vecs.shape[1])
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
+        self._vectors = torch.from_numpy(vecs).to(self.device, dtype=dtype)  # (N, D)
+        self._ids = torch.from_numpy(self.ids).to(self.device)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._vectors.shape[0])
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        q = _check_queries(queries, self.dim, k)
+        kk = min(k, self.ntotal)
+        b = q.shape[0]
+        if kk == 0:
+            return _pad(np.empty((b, 0), np.float32), np.empty((b, 0), np.int64), k)
+        q_block = max(1, _BLOCK_ELEMS // max(1, self.ntotal))
+        scores, ids = [], []
+        with torch.inference_mode():
+            qt = torch.from_numpy(q).to(self.device, dtype=self._vectors.dtype)  # (B, D)
+            for q0 in range(0, b, q_block):
+                s = qt[q0:q0 + q_block] @ self._vectors.T  # (bq, N)
+                top_s, top_r = torch.topk(s, kk, dim=1)  # sorted, best first
+                scores.append(top_s.float().cpu())
+                ids.append(self._ids[top_r].cpu())
+        return _pad(torch.cat(scores).numpy(), torch.cat(ids).numpy(), k)
+
+
+# --------------------------------------------------------------------------------------------
+# FAISS
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How an index is built and searched: a FAISS factory string plus its search-time knobs."""
+
+    factory: str = "Flat"
+    nprobe: int | None = None  # IVF: lists visited per query
+    ef_search: int | None = None  # HNSW: candidate list size (must be >= k for full recall)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Recipe:
+        return Recipe(factory=str(d.get("factory", "Flat")),
+                      nprobe=None if d.get("nprobe") is None else int(d["nprobe"]),
+                      ef_search=None if d.get("ef_search") is None else int(d["ef_search"]))
+
+    @property
+    def kind(self) -> Literal["flat", "ivf", "hnsw", "other"]:
+        f = self.factory.upper()
+        if "IVF" in f:
+            return "ivf"
+        if "HNSW" in f:
+            return "hnsw"
+        if f in ("FLAT", "IDMAP,FLAT"):
+            return "flat"
+        return "other"
+
+
+EXACT_MAX_ITEMS = 100_000
+
+
+def choose_recipe(n_items: int, dim: int | None = None) -> Recipe:
+    """Default recipe by catalogue size.
+
+    Up to ~100k items exact search is both fastest to build and fast enough to query (100k x 64
+    floats is a 25 MB scan). Beyond that an IVF index with about sqrt(N) lists: k-means on a
+    sample trains in seconds even on 2 cores (unlike HNSW, whose build is minutes at 1M), and the
+    reindex recall gate raises nprobe until recall@100 clears the floor.
+    """
+    if n_items <= EXACT_MAX_ITEMS:
+        return Recipe("Flat")
+    nlist = 1 << int(round(math.log2(math.sqrt(n_items))))  # 1M -> 1024, 4M -> 2048
+    nlist = max(256, min(nlist, 16384))
+    return Recipe(f"IVF{nlist},Flat", nprobe=max(8, nlist // 32))
+
+
+def _is_ivf(index: faiss.Index) -> bool:
+    import faiss
+
+    return faiss.try_extract_index_ivf(index) is not None
+
+
+def _faiss_to_gpu(index: faiss.Index) -> faiss.Index:
+    import faiss
+
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except Exception as exc:  # e.g. HNSW has no GPU implementation: stay on CPU, say so once
+        log.warning("index type %s cannot run on GPU (%s); searching on CPU", type(index).__name__, exc)
+        return index
+
+
+class FaissSearcher:
+    """A FAISS inner-product index over int64 ids (``add_with_ids``).
+
+    Indexes without native id support (Flat, HNSW, SQ, PQ) are wrapped in ``IndexIDMap``; IVF
+    indexes store ids in their inverted lists directly.
+    """
+
+    def __init__(self, index: faiss.Index, recipe: Recipe, use_gpu: bool | None = None) -> None:
+        self.recipe = recipe
+        self._cpu_index = index
+        self.dim = int(index.d)
+        self.apply_params(recipe.nprobe, recipe.ef_search)
+        want_gpu = faiss_gpus() > 0 if use_gpu is None else use_gpu
+        self.on_gpu = False
+        self._index = index
+        if want_gpu and faiss_gpus() > 0:
+            self._index = _faiss_to_gpu(index)
+            self.on_gpu = self._index is not index
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: np.ndarray, recipe: Recipe | str = "Flat", *,
+              train_size: int | None = None, seed: int = 0, use_gpu: bool | None = None) -> FaissSearcher:
+        """Build from (N, D) float32 vectors and (N,) int64 ids."""
+        import faiss
+
+        if isinstance(recipe, str):
+            recipe = Recipe(recipe)
+        vecs = _check_vectors(vectors, "item vectors")
+        n, d = vecs.shape
+        ids = _check_ids(ids, n)
+        try:
+            index = faiss.index_factory(d, recipe.factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise SearchError(f"invalid FAISS factory string {recipe.factory!r}: {_faiss_msg(exc)}") from exc
+        if not _is_ivf(index) and not isinstance(index, faiss.IndexIDMap):
+            index = faiss.IndexIDMap(index)
+        if not index.is_trained:
+            # k-means cost grows with sample x lists; ~64 points per list is enough for good
+            # centroids (FAISS warns below 39) and keeps training at 1M items to seconds.
+            ivf = faiss.try_extract_index_ivf(index)
+            default = 64 * ivf.nlist if ivf is not None else 65_536
+            ts = min(n, train_size or max(default, 10_000))
+            if ivf is not None and n < ivf.nlist:
+                raise SearchError(f"recipe {recipe.factory!r} needs at least {ivf.nlist} items to train "
+                                  f"its {ivf.nlist} lists; the catalogue has {n}")
+            rng = np.random.default_rng(seed)
+            sample = vecs if ts >= n else vecs[np.sort(rng.choice(n, ts, replace=False))]
+            try:
+                index.train(sample)
+            except RuntimeError as exc:
+                raise SearchError(f"cannot train {recipe.factory!r} on {len(sample)} vectors: "
+                                  f"{_faiss_msg(exc)}") from exc
+        index.add_with_ids(vecs, ids)
+        return cls(index, recipe, use_gpu=use_gpu)
+
+    @classmethod
+    def load(cls, path: str | Path, recipe: Recipe | None = None, use_gpu: bool | None = None) -> FaissSearcher:
+        import faiss
+
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise SearchError(f"{path}: cannot read FAISS index: {_faiss_msg(exc)}") from exc
+        return cls(index, recipe or Recipe(), use_gpu=use_gpu)
+
+    def save(self, path: str | Path) -> None:
+        import faiss
+
+        # always the CPU copy: a bundle must load on machines without a GPU
+        faiss.write_index(self._cpu_index, str(path))
+
+    # -- search ------------------------------------------------------------------------------
+    def apply_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set search-time knobs; unknown ones for this index type are ignored."""
+        import faiss
+
+        ps = faiss.ParameterSpace()
+        if nprobe is not None:
+            ivf = faiss.try_extract_index_ivf(self._cpu_index)
+            if ivf is not None:
+                ivf.nprobe = int(max(1, min(nprobe, ivf.nlist)))
+                nprobe = int(ivf.nprobe)
+        if ef_search is not None and "HNSW" in self.recipe.factory.upper():
+            ps.set_index_parameter(self._cpu_index, "efSearch", int(ef_search))
+        self.recipe = Recipe(self.recipe.factory,
+                             nprobe if nprobe is not None else self.recipe.nprobe,
+                             ef_search if ef_search is not None else self.recipe.ef_search)
+        gpu_index = getattr(self, "_index", None)
+        if gpu_index is not None and gpu_index is not self._cpu_index and nprobe is not None:
+            try:
+                faiss.GpuParameterSpace().set_index_parameter(gpu_index, "nprobe", int(nprobe))
+            except Exception as exc:  # pragma: no cover - needs faiss-gpu
+                log.warning("cannot set nprobe on GPU index: %s", exc)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._cpu_index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        q = _check_queries(queries, self.dim, k)
+        if self.ntotal == 0:
+            return _pad(np.empty((q.shape[0], 0), np.float32), np.empty((q.shape[0], 0), np.int64), k)
+        # GPU FAISS caps k (2048 on most builds); fall back to the CPU copy beyond that
+        index = self._index if (not self.on_gpu or k <= 2048) else self._cpu_index
+        scores, ids = index.search(q, int(k))
+        scores = scores.astype(np.float32, copy=False)
+        ids = ids.astype(np.int64, copy=False)
+        scores[ids < 0] = _PAD_SCORE
+        return scores, ids
+
+
+def _faiss_msg(exc: BaseException) -> str:
+    # FAISS errors carry a C++ stack; the first line that says what went wrong is enough
+    text = str(exc).strip()
+    for line in text.splitlines():
+        if "Error" in line and ":" in line:
+            return line.split("Error", 1)[-1].lstrip(": '").rstrip("' ")[:300]
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int | None = None) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (ids of -1 are ignored).
+
+    Both arrays are (B, >=k) int64; with ``k`` None all columns are used.
+    """
+    a = np.asarray(approx_ids)
+    e = np.asarray(exact_ids)
+    if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
+        raise ValueError(f"recall_at_k needs two (B, k) arrays with the same B, got {a.shape} and {e.shape}")
+    if k is not None:
+        a, e = a[:, :k], e[:, :k]
+    total = 0.0
+    counted = 0
+    for row_a, row_e in zip(a, e, strict=True):
+        truth = row_e[row_e >= 0]
+        if truth.size == 0:
+            continue
+        hit = np.intersect1d(row_a[row_a >= 0], truth, assume_unique=False).size
+        total += hit / truth.size
+        counted += 1
+    return total / counted if counted else 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# id translation
+
+
+class IdMap:
+    """Catalogue item ids <-> the int64 ids stored in FAISS, plus item id <-> row position.
+
+    When every catalogue id is a non-negative integer the FAISS id IS the item id (so logs and
+    indexes read naturally); otherwise the FAISS id is the row position in ``item_vectors``.
+    Saved as ``item_ids.json``: ``{"id_type": "int"|"str", "faiss_ids": "item_id"|"row", "ids": [...]}``.
+    """
+
+    def __init__(self, ids: Sequence[Any], id_type: Literal["int", "str"] | None = None) -> None:
+        from towers.schema import item_ids_are_int
+
+        raw = list(ids)
+        if id_type is None:
+            id_type = "int" if item_ids_are_int(raw) else "str"
+        if id_type == "int":
+            try:
+                self.ids: list[ItemId] = [int(v) if isinstance(v, (int, np.integer)) else int(str(v).strip())
+                                          for v in raw]
+            except (TypeError, ValueError) as exc:
+                raise SearchError(f"item ids are declared integers but one is not: {exc}") from exc
+        elif id_type == "str":
+            self.ids = [str(v) for v in raw]
+        else:
+            raise SearchError(f"unknown item id type {id_type!r}")
+        self.id_type: Literal["int", "str"] = id_type
+        self._row: dict[ItemId, int] = {}
+        for r, v in enumerate(self.ids):
+            if v in self._row:
+                raise SearchError(f"duplicate item id {v!r} (rows {self._row[v]} and {r})")
+            self._row[v] = r
+        self.uses_item_ids = id_type == "int" and (not self.ids or min(self.ids) >= 0)  # type: ignore[type-var]
+        if self.uses_item_ids:
+            self.faiss_ids = np.asarray(self.ids, dtype=np.int64)
+        else:
+            self.faiss_ids = np.arange(len(self.ids), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        try:
+            return self.parse(item_id) in self._row
+        except (KeyError, ValueError):
+            return False
+
+    def parse(self, item_id: Any) -> ItemId:
+        """A wire id (7, "7", " 7 ") in the catalogue's type; ValueError when it cannot be one."""
+        if self.id_type == "int":
+            if isinstance(item_id, bool):
+                raise ValueError("an item id cannot be a boolean")
+            if isinstance(item_id, (int, np.integer)):
+                return int(item_id)
+            if isinstance(item_id, float) and item_id.is_integer():
+                return int(item_id)
+            s = str(item_id).strip()
+            try:
+                return int(s)
+            except ValueError:
+                raise ValueError(f"item id {item_id!r} is not an integer (this catalogue uses integer ids)") from None
+        return str(item_id).strip() if not isinstance(item_id, str) else item_id
+
+    def row_of(self, item_id: Any) -> int:
+        """Row of an item in item_vectors; KeyError for an unknown item."""
+        key = self.parse(item_id)
+        try:
+            return self._row[key]
+        except KeyError:
+            raise KeyError(f"unknown item id {item_id!r}") from None
+
+    def rows_of(self, item_ids: Iterable[Any], missing: int = -1) -> np.ndarray:
+        out = []
+        for v in item_ids:
+            try:
+                out.append(self._row[self.parse(v)])
+            except (KeyError, ValueError):
+                out.append(missing)
+        return np.asarray(out, dtype=np.int64)
+
+    def faiss_id_of(self, item_id: Any) -> int:
+        return int(self.faiss_ids[self.row_of(item_id)])
+
+    def to_rows(self, faiss_ids: np.ndarray) -> np.ndarray:
+        """FAISS ids (any shape) -> row positions, -1 stays -1."""
+        f = np.asarray(faiss_ids, dtype=np.int64)
+        if not self.uses_item_ids:
+            return f.copy()
+        out = np.full(f.shape, -1, dtype=np.int64)
+        valid = f >= 0
+        out[valid] = [self._row[int(x)] for x in f[valid]]
+        return out
+
+    def to_items(self, faiss_ids: np.ndarray) -> list[ItemId]:
+        """A 1-D array of FAISS ids -> catalogue ids in the catalogue's type, skipping -1."""
+        f = np.asarray(faiss_ids, dtype=np.int64).ravel()
+        if self.uses_item_ids:
+            return [int(x) for x in f if x >= 0]
+        return [self.ids[int(x)] for x in f if x >= 0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id_type": self.id_type, "faiss_ids": "item_id" if self.uses_item_ids else "row",
+                "ids": self.ids}
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, separators=(",", ":"))
+
+    @staticmethod
+    def load(path: str | Path) -> IdMap:
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SearchError(f"{path}: cannot read id map: {exc}") from exc
+        if not isinstance(d, dict) or not isinstance(d.get("ids"), list):
+            raise SearchError(f"{path}: id map must be an object with a list 'ids'")
+        m = IdMap(d["ids"], d.get("id_type"))
+        declared = d.get("faiss_ids")
+        if declared is not None and declared != ("item_id" if m.uses_item_ids else "row"):
+            raise SearchError(f"{path}: id map says FAISS ids are {declared!r}, which does not fit its ids")
+        return m
