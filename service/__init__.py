@@ -1,0 +1,1 @@
+"""The recall service: FastAPI app, retrieval pipeline, Redis cache and event store."""

@@ -1,0 +1,152 @@
+"""Per-user event history: what a user did since the bundle was built.
+
+Redis layout (all under ``<prefix>:v1:``):
+- ``events:<user_id>``  list, oldest first, capped at ``events_cap`` entries ("<timestamp> <item>")
+  -> feeds the user tower (its last ``history_len`` entries)
+- ``seen:<user_id>``    set of every item the user touched through events (not capped, so
+  ``exclude_seen`` keeps excluding items that fell out of the capped list)
+- ``evseq:<user_id>``   counter bumped by every event; the result cache stores the counter it was
+  computed at and a lookup compares it in the same round trip, so the next recall after an event
+  never serves a stale answer (cheaper than deleting the user's cache keys, which we cannot list).
+All three are written in one MULTI/EXEC and share a TTL refreshed on each event.
+
+When Redis is configured but down, ``append`` raises ``RedisUnavailable`` and the route answers 503:
+an event is never dropped silently. With no Redis configured (``TT_REDIS_URL=""``) events live in
+this process (``MemoryEventStore``), which is only correct with a single worker.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from service.redisconn import RedisGuard, RedisUnavailable
+
+__all__ = ["UserEvents", "EventStore", "RedisEventStore", "MemoryEventStore", "RedisUnavailable"]
+
+
+@dataclass
+class UserEvents:
+    items: list[str] = field(default_factory=list)  # item tokens (str(item_id)), oldest first
+    seen: set[str] = field(default_factory=set)
+    seq: int = 0
+
+
+def _entry(ts: int, token: str) -> str:
+    return f"{ts} {token}"
+
+
+def _parse_entries(raw: list[bytes] | list[str]) -> list[str]:
+    """Entries in timestamp order (stable for ties): a late event with an old timestamp lands where
+    it happened, not at the end."""
+    parsed: list[tuple[int, int, str]] = []
+    for i, e in enumerate(raw):
+        s = e.decode() if isinstance(e, bytes) else str(e)
+        ts, _, tok = s.partition(" ")
+        try:
+            parsed.append((int(ts), i, tok))
+        except ValueError:
+            continue
+    parsed.sort()
+    return [tok for _, _, tok in parsed]
+
+
+class EventStore:
+    backend = "none"
+
+    def seq_key(self, user_id: str) -> str | None:
+        """Redis key of the user's event counter (None when events are not in Redis)."""
+        return None
+
+    def local_seq(self, user_id: str) -> int:
+        return 0
+
+    async def append(self, user_id: str, token: str, ts: int | None = None) -> tuple[int, int]:
+        """Record one event; returns (events kept for the user, new sequence number)."""
+        raise NotImplementedError
+
+    async def read(self, user_id: str) -> UserEvents:
+        raise NotImplementedError
+
+
+class RedisEventStore(EventStore):
+    backend = "redis"
+
+    def __init__(self, guard: RedisGuard, prefix: str, cap: int, ttl_s: int) -> None:
+        self.guard, self.prefix, self.cap, self.ttl_s = guard, prefix, cap, ttl_s
+
+    def _k(self, kind: str, user_id: str) -> str:
+        return f"{self.prefix}:v1:{kind}:{user_id}"
+
+    def seq_key(self, user_id: str) -> str | None:
+        return self._k("evseq", user_id)
+
+    async def append(self, user_id: str, token: str, ts: int | None = None) -> tuple[int, int]:
+        ts = int(time.time()) if ts is None else int(ts)
+        lk, sk, qk = self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
+
+        async def op(r) -> tuple[int, int]:
+            async with r.pipeline(transaction=True) as p:
+                p.rpush(lk, _entry(ts, token))
+                p.ltrim(lk, -self.cap, -1)
+                p.sadd(sk, token)
+                p.incr(qk)
+                p.llen(lk)
+                if self.ttl_s:
+                    for k in (lk, sk, qk):
+                        p.expire(k, self.ttl_s)
+                res = await p.execute()
+            return int(res[4]), int(res[3])
+
+        return await self.guard.run(op)
+
+    async def read(self, user_id: str) -> UserEvents:
+        lk, sk, qk = self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
+
+        async def op(r) -> UserEvents:
+            # one MULTI so list, set and counter are a consistent snapshot
+            async with r.pipeline(transaction=True) as p:
+                p.lrange(lk, 0, -1)
+                p.smembers(sk)
+                p.get(qk)
+                lst, seen, seq = await p.execute()
+            return UserEvents(items=_parse_entries(lst),
+                              seen={s.decode() if isinstance(s, bytes) else s for s in seen},
+                              seq=int(seq or 0))
+
+        return await self.guard.run(op)
+
+
+class MemoryEventStore(EventStore):
+    """Single-process stand-in used when no Redis is configured (bounded to ``max_users`` users)."""
+
+    backend = "memory"
+
+    def __init__(self, cap: int, max_users: int = 100_000) -> None:
+        self.cap, self.max_users = cap, max_users
+        self._users: OrderedDict[str, tuple[deque[tuple[int, str]], set[str], list[int]]] = OrderedDict()
+
+    def local_seq(self, user_id: str) -> int:
+        u = self._users.get(user_id)
+        return u[2][0] if u else 0
+
+    async def append(self, user_id: str, token: str, ts: int | None = None) -> tuple[int, int]:
+        ts = int(time.time()) if ts is None else int(ts)
+        u = self._users.get(user_id)
+        if u is None:
+            u = (deque(maxlen=self.cap), set(), [0])
+            self._users[user_id] = u
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+        self._users.move_to_end(user_id)
+        u[0].append((ts, token))
+        u[1].add(token)
+        u[2][0] += 1
+        return len(u[0]), u[2][0]
+
+    async def read(self, user_id: str) -> UserEvents:
+        u = self._users.get(user_id)
+        if u is None:
+            return UserEvents()
+        return UserEvents(items=_parse_entries([_entry(ts, t) for ts, t in u[0]]), seen=set(u[1]), seq=u[2][0])

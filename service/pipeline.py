@@ -1,0 +1,311 @@
+"""The retrieval pipeline as plain functions: resolve the user's input -> encode -> user tower ->
+index search -> filter -> answer. Routes call these; nothing here knows about HTTP.
+
+Two halves:
+- ``resolve`` (event loop, cheap): merges the request with the bundle's profile/history/seen set and
+  the user's recent events, decides tower vs popularity fallback, collects warnings.
+- ``compute_batch`` (thread pool, heavy): one user-tower forward and one index search for a whole
+  batch of resolved requests that share one bundle, then per-request filtering and JSON rendering.
+
+The item tower is not needed at serve time: item vectors are already in the index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.events import UserEvents
+
+ItemId = int | str
+
+# Over-fetch from the index by the number of excluded items so k survive the filter, but never more
+# than this many extra (a user with 100k seen items must not turn every search into a full scan).
+MAX_OVERFETCH = 4096
+_MAX_LISTED = 10  # ids quoted in a warning
+
+
+class InputError(ValueError):
+    """Request content that validated structurally but does not fit the model (-> 422 naming the field)."""
+
+    def __init__(self, loc: Sequence[str | int], msg: str, kind: str = "value_error") -> None:
+        super().__init__(msg)
+        self.loc, self.msg, self.kind = tuple(loc), msg, kind
+
+
+class UnknownItem(KeyError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# the bundle as the service sees it
+
+
+@dataclass(eq=False)
+class ServingBundle:
+    """Everything one recall needs from one published bundle. Immutable once built; a request (or a
+    micro-batch) holds one reference for its whole life, so it can never mix versions."""
+
+    model_version: str
+    index_version: str
+    path: Path | None
+    model: Any  # towers.checkpoint.TwoTowerModel with its user tower
+    searcher: Any  # index.searcher.Searcher: search(queries (B, D) float32, k) -> (scores, faiss ids)
+    id_map: Any  # index.searcher.IdMap: catalogue ids <-> FAISS ids
+    popular: np.ndarray  # (P,) FAISS ids, most popular first
+    popular_scores: np.ndarray  # (P,) float32, share of interactions
+    user_profile: Callable[[str], Mapping[str, Any] | None]  # user id -> feature values, None if unknown
+    user_history: Callable[[str], Sequence[ItemId]]  # user id -> item ids, oldest first
+    user_seen: Callable[[str], Iterable[ItemId]]  # user id -> every item the bundle data says they touched
+    similar: Callable[[ItemId, int], tuple[np.ndarray, list[ItemId]]]  # item -> (scores, item ids), self excluded
+    known_user: Callable[[str], bool]
+    n_items: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def user_features(self) -> dict[str, str]:
+        """feature name -> kind, for validating inline features."""
+        return {s.name: s.kind for s in self.model.encoder.user_features}
+
+    def fid(self, item_id: Any) -> int | None:
+        """FAISS id of a wire item id, None when it is not in this bundle's catalogue."""
+        try:
+            return self.id_map.faiss_id_of(item_id)
+        except (KeyError, ValueError, TypeError):
+            return None
+
+    def parse_item(self, item_id: Any) -> ItemId | None:
+        try:
+            v = self.id_map.parse(item_id)
+        except (ValueError, TypeError):
+            return None
+        return v if v in self.id_map else None
+
+
+# --------------------------------------------------------------------------------------------
+# request -> resolved input
+
+
+@dataclass
+class RecallQuery:
+    """A validated recall request, transport-independent."""
+
+    user_id: str | None = None
+    history: list[Any] | None = None
+    features: dict[str, Any] | None = None
+    k: int = 100
+    exclude_seen: bool = True
+    exclude_ids: list[Any] | None = None
+
+    def canonical(self) -> bytes:
+        """The request reduced to what determines the answer, as stable bytes for the cache key.
+
+        Ids are stringified (7 and "7" are the same id everywhere on the wire), exclusions sorted
+        and de-duplicated, features sorted by name.
+        """
+        feats = None
+        if self.features is not None:
+            feats = sorted((k, list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.features.items())
+        doc = [
+            self.user_id,
+            None if self.history is None else [str(h) for h in self.history],
+            feats,
+            self.k,
+            bool(self.exclude_seen),
+            sorted({str(x) for x in self.exclude_ids}) if self.exclude_ids else [],
+        ]
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass
+class Resolved:
+    bundle: ServingBundle
+    k: int
+    fallback: bool
+    user_id: str | None = None
+    features: dict[str, Any] | None = None
+    history: list[ItemId] = field(default_factory=list)
+    exclude: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # FAISS ids, sorted unique
+    warnings: list[str] = field(default_factory=list)
+
+
+def _listed(ids: Sequence[Any]) -> str:
+    shown = ", ".join(repr(i) for i in ids[:_MAX_LISTED])
+    return shown + (f" and {len(ids) - _MAX_LISTED} more" if len(ids) > _MAX_LISTED else "")
+
+
+def _check_features(bundle: ServingBundle, features: Mapping[str, Any], warnings: list[str]) -> dict[str, Any]:
+    kinds = bundle.user_features
+    out: dict[str, Any] = {}
+    unknown = []
+    for name, value in features.items():
+        kind = kinds.get(name)
+        if kind is None:
+            unknown.append(name)
+            continue
+        if value is None:
+            out[name] = None
+        elif kind == "numeric":
+            if isinstance(value, bool) or isinstance(value, list):
+                raise InputError(("body", "features", name), f"feature {name!r} is numeric: give a number")
+            try:
+                num = float(value)
+            except (TypeError, ValueError):
+                raise InputError(("body", "features", name),
+                                 f"feature {name!r} is numeric: {value!r} is not a number") from None
+            if not math.isfinite(num):
+                raise InputError(("body", "features", name), f"feature {name!r} must be a finite number")
+            out[name] = num
+        elif kind == "multi":
+            out[name] = tuple(str(v) for v in value) if isinstance(value, list) else value
+        else:
+            if isinstance(value, list):
+                raise InputError(("body", "features", name),
+                                 f"feature {name!r} is categorical: give one value, not a list")
+            out[name] = value
+    if unknown:
+        warnings.append(f"features: unknown feature names ignored: {_listed(sorted(unknown))} "
+                        f"(this model knows: {', '.join(sorted(kinds)) or 'none'})")
+    return out
+
+
+def _map_ids(bundle: ServingBundle, ids: Sequence[Any], what: str, warnings: list[str]) -> list[ItemId]:
+    known: list[ItemId] = []
+    unknown: list[Any] = []
+    for i in ids:
+        v = bundle.parse_item(i)
+        if v is None:
+            unknown.append(i)
+        else:
+            known.append(v)
+    if unknown:
+        warnings.append(f"{what}: unknown item ids ignored: {_listed(unknown)}")
+    return known
+
+
+def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) -> Resolved:
+    """Merge request, bundle data and recent events into the tower's input and the exclusion set."""
+    warnings: list[str] = []
+    uid = q.user_id
+    known = uid is not None and bundle.known_user(uid)
+    if uid is not None and events is None:
+        pass  # events unavailable (Redis down): served from the bundle's data alone
+    ev_items = [v for v in (bundle.parse_item(t) for t in (events.items if events else [])) if v is not None]
+
+    # history: inline replaces what the service knows; otherwise bundle history + newer events
+    if q.history is not None:
+        history = _map_ids(bundle, q.history, "history", warnings)
+    else:
+        history = list(bundle.user_history(uid)) if known and uid is not None else []
+        history.extend(ev_items)
+
+    # features: the stored profile, overridden feature by feature by the request
+    profile = dict(bundle.user_profile(uid) or {}) if known and uid is not None else {}
+    inline = _check_features(bundle, q.features, warnings) if q.features else {}
+    profile.update(inline)
+
+    fallback = not known and not history and not inline
+    excl: list[int] = []
+    if q.exclude_ids:
+        for v in _map_ids(bundle, q.exclude_ids, "exclude_ids", warnings):
+            f = bundle.fid(v)
+            if f is not None:
+                excl.append(f)
+    if q.exclude_seen:
+        seen: set[ItemId] = set(history)
+        if known and uid is not None:
+            seen.update(bundle.user_seen(uid))
+        if events is not None:
+            seen.update(ev_items)
+            for t in events.seen:
+                parsed = bundle.parse_item(t)
+                if parsed is not None:
+                    seen.add(parsed)
+        excl.extend(f for f in (bundle.fid(v) for v in seen) if f is not None)
+    exclude = np.unique(np.asarray(excl, dtype=np.int64))
+    return Resolved(bundle=bundle, k=q.k, fallback=fallback, user_id=uid,
+                    features=profile or None, history=history, exclude=exclude, warnings=warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# resolved inputs -> answers (runs in the thread pool)
+
+
+def render(ids: Sequence[ItemId], scores: Sequence[float], bundle: ServingBundle,
+           fallback: bool = False, warnings: Sequence[str] = ()) -> bytes:
+    """The JSON answer without "cached"; ``with_cached`` splices that in, so a cached body is reused
+    byte for byte."""
+    doc: dict[str, Any] = {
+        "items": [{"item_id": i, "score": s} for i, s in zip(ids, scores, strict=True)],
+        "model_version": bundle.model_version,
+        "index_version": bundle.index_version,
+    }
+    if fallback:
+        doc["fallback"] = "popular"
+    if warnings:
+        doc["warnings"] = list(warnings)
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def with_cached(body: bytes, cached: bool) -> bytes:
+    return body[:-1] + (b',"cached":true}' if cached else b',"cached":false}')
+
+
+def _scores_list(scores: np.ndarray) -> list[float]:
+    # 6 decimals: float32 carries ~7 significant digits, and shorter JSON is cheaper to send
+    return np.round(scores.astype(np.float64), 6).tolist()
+
+
+def _popular(r: Resolved) -> bytes:
+    b = r.bundle
+    need = r.k + len(r.exclude)
+    fids, scores = b.popular[:need], b.popular_scores[:need]
+    if len(r.exclude):
+        keep = ~np.isin(fids, r.exclude, assume_unique=False)
+        fids, scores = fids[keep], scores[keep]
+    fids, scores = fids[: r.k], scores[: r.k]
+    return render(b.id_map.to_items(fids), _scores_list(scores), b, fallback=True, warnings=r.warnings)
+
+
+def compute_batch(reqs: list[Resolved]) -> list[bytes]:
+    """One tower forward and one index search for every tower request of the batch (all share one
+    bundle: the micro-batcher groups by bundle)."""
+    if not reqs:
+        return []
+    b = reqs[0].bundle
+    out: list[bytes | None] = [None] * len(reqs)
+    tower = [i for i, r in enumerate(reqs) if not r.fallback]
+    for i, r in enumerate(reqs):
+        if r.fallback:
+            out[i] = _popular(r)
+    if tower:
+        rs = [reqs[i] for i in tower]
+        users = b.model.embed_users([r.user_id for r in rs], [r.features for r in rs],
+                                    [r.history for r in rs])  # (B, D) float32, L2-normalised
+        fetch = min(b.n_items, max(r.k + min(len(r.exclude), MAX_OVERFETCH) for r in rs))
+        scores, fids = b.searcher.search(np.ascontiguousarray(users, dtype=np.float32), fetch)  # (B, fetch)
+        for j, (i, r) in enumerate(zip(tower, rs, strict=True)):
+            s, f = scores[j], fids[j]
+            keep = f >= 0
+            if len(r.exclude):
+                keep &= ~np.isin(f, r.exclude)
+            s, f = s[keep][: r.k], f[keep][: r.k]
+            out[i] = render(b.id_map.to_items(f), _scores_list(s), b, warnings=r.warnings)
+    return [o if o is not None else b"" for o in out]
+
+
+def compute_similar(b: ServingBundle, item_id: ItemId, k: int) -> bytes:
+    scores, items = b.similar(item_id, k)
+    doc = {
+        "item_id": item_id,
+        "items": [{"item_id": i, "score": s} for i, s in zip(items, _scores_list(np.asarray(scores)), strict=True)],
+        "model_version": b.model_version,
+        "index_version": b.index_version,
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

@@ -1,0 +1,130 @@
+"""Redis behind a circuit breaker: a dead or hung Redis costs one short timeout, not one per request.
+
+The service treats Redis as an accelerator (cache) and a store of recent events, never as a
+dependency of answering: when a call fails the breaker opens and, for ``retry_s`` (doubling up to
+``retry_max_s`` while failures continue), every caller gets ``RedisUnavailable`` at once without
+touching the network. After that one caller probes; success closes the breaker. A background
+``watch`` loop also probes, so readiness turns back to "ready" without traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RedisUnavailable(RuntimeError):
+    """Redis is not configured, or failed recently and the breaker is open."""
+
+
+def make_client(url: str, timeout_s: float) -> aioredis.Redis:
+    # No retries inside redis-py: the breaker decides when to try again, and a retry loop with
+    # backoff would put seconds of latency on the request that happens to hit a dead Redis.
+    return aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                   retry=Retry(NoBackoff(), 0), health_check_interval=0)
+
+
+class RedisGuard:
+    def __init__(self, client: aioredis.Redis | None, *, retry_s: float = 0.5, retry_max_s: float = 5.0,
+                 on_change: Callable[[bool], None] | None = None) -> None:
+        self.client = client
+        self.retry_s = retry_s
+        self.retry_max_s = retry_max_s
+        self._open_until = 0.0
+        self._backoff = retry_s
+        self._probing = False
+        self._up = client is not None
+        self._on_change = on_change
+        self.last_error: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self.client is not None
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None and self._up
+
+    def _available(self) -> bool:
+        if self.client is None:
+            return False
+        if self._up:
+            return True
+        # breaker open: only one caller at a time probes, and only after the backoff has passed
+        if self._probing or time.monotonic() < self._open_until:
+            return False
+        return True
+
+    def _set_up(self, up: bool) -> None:
+        if up != self._up:
+            self._up = up
+            log.warning("redis is %s", "back" if up else "unavailable", extra={"redis_error": self.last_error})
+            if self._on_change is not None:
+                self._on_change(up)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error = f"{exc.__class__.__name__}: {exc}"
+        now = time.monotonic()
+        if self._up:
+            self._backoff = self.retry_s
+        else:
+            self._backoff = min(self.retry_max_s, self._backoff * 2)
+        self._open_until = now + self._backoff
+        self._set_up(False)
+
+    def _succeeded(self) -> None:
+        self._backoff = self.retry_s
+        self.last_error = None
+        self._set_up(True)
+
+    async def run(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """Run ``fn(client)``; raise RedisUnavailable (never a redis error) when Redis cannot be used."""
+        if not self._available():
+            raise RedisUnavailable(self.last_error or "redis is not configured")
+        probe = not self._up
+        if probe:
+            self._probing = True
+        assert self.client is not None
+        try:
+            result = await fn(self.client)
+        except (TimeoutError, RedisError, OSError) as exc:
+            self._failed(exc)
+            raise RedisUnavailable(self.last_error or "redis failed") from exc
+        finally:
+            if probe:
+                self._probing = False
+        self._succeeded()
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            await self.run(lambda c: c.ping())
+            return True
+        except RedisUnavailable:
+            return False
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        """Probe while the breaker is open so recovery is noticed without traffic."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.client is not None and not self._up and not self._probing \
+                    and time.monotonic() >= self._open_until:
+                await self.ping()
+
+    async def close(self) -> None:
+        if self.client is not None:
+            try:
+                await self.client.aclose()
+            except Exception:  # closing a broken connection may itself fail; nothing to do then
+                pass

@@ -1,0 +1,132 @@
+"""Which bundle is served, and swapping to a newly published one without dropping a request.
+
+A new bundle is validated and loaded in a worker thread while the old one keeps serving; the swap
+is one attribute assignment (atomic under the GIL). Requests take ``manager.current`` once and keep
+that object, so an answer is always computed from one (model, index) pair. A bundle that fails
+validation or loading is logged and counted, never made current.
+
+Triggers: a Redis pub/sub notice on ``<prefix>:v1:bundles`` (any payload; the pointer file is
+re-read, the message is not trusted), polling ``bundles/CURRENT`` every ``reload_poll_s`` seconds,
+and ``POST /v1/admin/reload``. Polling reacts to the pointer *changing*, so a bundle pinned by an
+admin reload (rollback) stays until the next publish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from service.metrics import Metrics
+from service.pipeline import ServingBundle
+
+log = logging.getLogger(__name__)
+
+
+class NoBundle(RuntimeError):
+    """Nothing published yet (or nothing loadable)."""
+
+
+class BundleManager:
+    def __init__(self, bundles_dir: Path, metrics: Metrics, *,
+                 loader: Callable[[Path], ServingBundle],
+                 pointer: Callable[[Path], Path | None]) -> None:
+        self.bundles_dir = Path(bundles_dir)
+        self.metrics = metrics
+        self._loader = loader
+        self._pointer = pointer
+        self.current: ServingBundle | None = None
+        self._last_pointer: Path | None = None
+        self._lock = asyncio.Lock()
+        self.last_error: str | None = None
+
+    def _read_pointer(self) -> Path | None:
+        try:
+            return self._pointer(self.bundles_dir)
+        except Exception as exc:  # unreadable pointer: keep serving what we have
+            self.last_error = f"cannot read the bundle pointer: {exc}"
+            log.warning(self.last_error)
+            return None
+
+    async def refresh(self, *, force: bool = False) -> bool:
+        """Load the bundle bundles/CURRENT names if it is not the one served. True when swapped."""
+        async with self._lock:
+            target = await asyncio.to_thread(self._read_pointer)
+            if target is None:
+                return False
+            if not force and self._last_pointer is not None and target == self._last_pointer:
+                return False
+            self._last_pointer = target
+            if self.current is not None and self.current.path is not None \
+                    and Path(self.current.path).resolve() == Path(target).resolve() and not force:
+                return False
+            return await self._load(target)
+
+    async def load_version(self, index_version: str) -> bool:
+        """Serve a specific published bundle (rollback). Raises NoBundle when it is not there."""
+        target = self.bundles_dir / index_version
+        if not target.is_dir():
+            raise NoBundle(f"no bundle {index_version!r} under {self.bundles_dir}")
+        async with self._lock:
+            if not await self._load(target):
+                raise NoBundle(f"bundle {index_version!r} cannot be served: {self.last_error}")
+            return True
+
+    async def _load(self, target: Path) -> bool:
+        try:
+            bundle = await asyncio.to_thread(self._loader, target)
+        except Exception as exc:  # a corrupt bundle must never take the service down
+            self.last_error = f"{target.name}: {exc.__class__.__name__}: {exc}"
+            self.metrics.reloads.labels(result="failed").inc()
+            log.error("bundle rejected, still serving %s", self.current.index_version if self.current else "nothing",
+                      extra={"bundle": str(target), "error": self.last_error})
+            return False
+        old = self.current
+        self.current = bundle
+        self.last_error = None
+        self.metrics.reloads.labels(result="loaded").inc()
+        self.metrics.set_bundle(bundle.model_version, bundle.index_version)
+        log.info("serving bundle", extra={"index_version": bundle.index_version,
+                                          "model_version": bundle.model_version,
+                                          "previous": old.index_version if old else None})
+        return True
+
+    # ------------------------------------------------------------------ background triggers
+    async def poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.refresh()
+            except Exception:  # never let the watcher die
+                log.exception("bundle poll failed")
+
+    async def listen(self, redis_url: str, channel: str, connect_timeout_s: float = 1.0) -> None:
+        """Subscribe to publish notices; reconnect with backoff while Redis is away."""
+        backoff = 0.5
+        while True:
+            client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=connect_timeout_s)
+            try:
+                ps = client.pubsub(ignore_subscribe_messages=True)
+                await ps.subscribe(channel)
+                backoff = 0.5
+                # the pointer may have moved while we were not subscribed
+                await self.refresh()
+                while True:
+                    msg = await ps.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        log.info("bundle notice received", extra={"payload": str(msg.get("data"))[:200]})
+                        await self.refresh()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("bundle notice channel unavailable: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+            finally:
+                try:
+                    await client.aclose()
+                except Exception:  # the connection may already be broken
+                    pass

@@ -1,0 +1,207 @@
+"""The service's moving parts wired together (cache, events, batcher, bundles) and the async glue
+the routes call: one method per use case, each a few lines over ``service.pipeline``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from service.batching import DirectRunner, MicroBatcher
+from service.cache import Computed, ResultCache
+from service.events import EventStore, MemoryEventStore, RedisEventStore, UserEvents
+from service.metrics import Metrics
+from service.pipeline import InputError, RecallQuery, ServingBundle, compute_batch, compute_similar, resolve
+from service.redisconn import RedisGuard, RedisUnavailable, make_client
+from service.reload import BundleManager, NoBundle
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class EventsUnavailable(RuntimeError):
+    pass
+
+
+class UnknownItem(LookupError):
+    pass
+
+
+@dataclass
+class EventResult:
+    user_id: str
+    item_id: Any
+    events: int
+    warnings: list[str]
+
+
+class Runtime:
+    def __init__(self, settings: Settings, metrics: Metrics, bundles: BundleManager) -> None:
+        self.settings, self.metrics, self.bundles = settings, metrics, bundles
+        client = make_client(settings.redis_url, settings.redis_timeout_s) if settings.redis_enabled else None
+        self.guard = RedisGuard(client, retry_s=settings.redis_retry_s, retry_max_s=settings.redis_retry_max_s,
+                                on_change=lambda up: metrics.redis_up.set(1 if up else 0))
+        metrics.redis_up.set(1 if client is not None else 0)
+        self.cache = ResultCache(guard=self.guard, prefix=settings.redis_prefix, ttl_s=settings.cache_ttl_s,
+                                 metrics=metrics)
+        self.events: EventStore = (RedisEventStore(self.guard, settings.redis_prefix, settings.events_cap,
+                                                   settings.events_ttl_s)
+                                   if client is not None else MemoryEventStore(settings.events_cap))
+        self.executor = ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute")
+
+        def on_batch(n: int, dt: float) -> None:
+            metrics.batch_size.observe(n)
+            metrics.compute_latency.observe(dt)
+
+        key = _bundle_key
+        self.runner: MicroBatcher[Any, bytes] | DirectRunner[Any, bytes]
+        if settings.microbatch:
+            self.runner = MicroBatcher(compute_batch, executor=self.executor, max_size=settings.microbatch_max_size,
+                                       max_wait_s=settings.microbatch_max_wait_ms / 1000.0,
+                                       slots=settings.compute_threads, key=key, on_batch=on_batch)
+        else:
+            self.runner = DirectRunner(compute_batch, executor=self.executor, key=key, on_batch=on_batch)
+        self._tasks: list[asyncio.Task[None]] = []
+        self.shutting_down = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        import torch
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+            try:
+                from index.searcher import set_threads
+                set_threads(self.settings.torch_threads)
+            except ImportError:  # older index package: FAISS keeps its default thread count
+                pass
+        self.runner.start()
+        if self.guard.configured:
+            await self.guard.ping()
+            self._tasks.append(asyncio.create_task(self.guard.watch(1.0), name="redis-watch"))
+        await self.bundles.refresh()
+        if self.settings.reload_poll_s > 0:
+            self._tasks.append(asyncio.create_task(self.bundles.poll(self.settings.reload_poll_s), name="bundle-poll"))
+        if self.settings.redis_enabled:
+            self._tasks.append(asyncio.create_task(
+                self.bundles.listen(self.settings.redis_url, self.settings.channel("bundles")), name="bundle-listen"))
+
+    async def stop(self) -> None:
+        self.shutting_down = True
+        await self.runner.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.guard.close()
+        self.executor.shutdown(wait=True, cancel_futures=False)
+
+    def bundle(self) -> ServingBundle:
+        b = self.bundles.current
+        if b is None:
+            raise NoBundle("no bundle is loaded yet: run `twotower reindex` (or wait for the one being published)")
+        return b
+
+    # ------------------------------------------------------------------ use cases
+    async def recall(self, q: RecallQuery, bundle: ServingBundle | None = None) -> tuple[bytes, bool]:
+        """(answer body without "cached", served_from_cache)."""
+        b = bundle or self.bundle()
+        uid = q.user_id
+        key = self.cache.key(b.index_version, q.canonical())
+        seq_key = self.events.seq_key(uid) if uid is not None else None
+        local_seq = self.events.local_seq(uid) if uid is not None else None
+
+        async def compute() -> Computed:
+            ev: UserEvents | None = None
+            cacheable = True
+            if uid is not None:
+                try:
+                    ev = await self.events.read(uid)
+                except RedisUnavailable:
+                    cacheable = False  # answered without the user's recent events: do not keep it
+            r = resolve(b, q, ev)
+            if r.fallback:
+                self.metrics.fallbacks.inc()
+            body = await self.runner.submit(r)
+            return Computed(body, ev.seq if ev is not None else None, cacheable)
+
+        return await self.cache.get_or_compute(key, seq_key, local_seq, compute)
+
+    async def recall_many(self, qs: list[RecallQuery]) -> list[tuple[bytes, bool]]:
+        b = self.bundle()  # one bundle for the whole batch request
+        res = await asyncio.gather(*(self.recall(q, b) for q in qs), return_exceptions=True)
+        out: list[tuple[bytes, bool]] = []
+        for i, r in enumerate(res):
+            if isinstance(r, InputError):
+                raise InputError(("body", "requests", i, *r.loc[1:]), r.msg, r.kind)
+            if isinstance(r, BaseException):
+                raise r
+            out.append(r)
+        return out
+
+    async def similar(self, item_id: str, k: int) -> tuple[bytes, bool]:
+        b = self.bundle()
+        parsed = b.parse_item(item_id)
+        if parsed is None:
+            raise UnknownItem(f"item {item_id!r} is not in index {b.index_version}")
+        key = self.cache.key(b.index_version, f'["similar",{parsed!r},{k}]'.encode())
+
+        async def compute() -> Computed:
+            loop = asyncio.get_running_loop()
+            body = await loop.run_in_executor(self.executor, compute_similar, b, parsed, k)
+            return Computed(body, None)
+
+        return await self.cache.get_or_compute(key, None, None, compute)
+
+    async def add_event(self, user_id: str, item_id: Any, ts: int | None) -> EventResult:
+        warnings: list[str] = []
+        b = self.bundles.current
+        token = str(item_id).strip()
+        out_id: Any = item_id
+        if b is not None:
+            try:
+                out_id = b.id_map.parse(item_id)
+            except ValueError as exc:
+                raise InputError(("body", "item_id"), str(exc)) from None
+            token = str(out_id)
+            if out_id not in b.id_map:
+                warnings.append(f"item {out_id!r} is not in index {b.index_version}: recorded, but it only "
+                                "affects recalls once a bundle containing it is served")
+        try:
+            n, _seq = await self.events.append(user_id, token, ts)
+        except RedisUnavailable as exc:
+            self.metrics.events.labels(result="unavailable").inc()
+            raise EventsUnavailable(f"the event store (Redis) is unavailable, the event was NOT recorded: {exc}. "
+                                    "Retry later.") from None
+        self.metrics.events.labels(result="stored").inc()
+        return EventResult(user_id, out_id, n, warnings)
+
+    # ------------------------------------------------------------------ health
+    def readiness(self) -> tuple[int, dict[str, Any]]:
+        b = self.bundles.current
+        redis_state = "disabled" if not self.guard.configured else ("up" if self.guard.up else "down")
+        doc: dict[str, Any] = {
+            "bundle": None if b is None else {"model_version": b.model_version, "index_version": b.index_version,
+                                              "items": b.n_items},
+            "redis": redis_state,
+            "cache": self.cache.mode if redis_state != "down" else "bypassed",
+            "events": self.events.backend,
+            "microbatch": self.settings.microbatch,
+        }
+        if self.bundles.last_error:
+            doc["last_bundle_error"] = self.bundles.last_error
+        if redis_state == "down" and self.guard.last_error:
+            doc["redis_error"] = self.guard.last_error
+        if self.shutting_down:
+            doc["status"] = "shutting_down"
+            return 503, doc
+        if b is None:
+            doc["status"] = "not_ready"
+            return 503, doc
+        doc["status"] = "degraded" if redis_state == "down" else "ready"
+        return 200, doc
+
+
+def _bundle_key(r: Any) -> int:
+    return id(r.bundle)

@@ -1,0 +1,92 @@
+"""Small synthetic worlds for tests: users, items, interactions, an (untrained) two-tower model and,
+once the index package can publish, a real bundle on disk.
+
+An untrained model is enough for the service's tests: they check what a user of the API notices
+(ids, versions, exclusions, caching, events changing the answer), not ranking quality.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from towers.schema import FeatureSpec
+
+
+@dataclass
+class World:
+    users: pd.DataFrame
+    items: pd.DataFrame
+    interactions: pd.DataFrame
+    user_features: list[FeatureSpec]
+    item_features: list[FeatureSpec]
+
+
+def make_world(n_users: int = 40, n_items: int = 120, per_user: int = 8, seed: int = 0,
+               str_item_ids: bool = False) -> World:
+    rng = np.random.default_rng(seed)
+    item_ids: list[Any] = [f"sku-{i}" for i in range(n_items)] if str_item_ids else list(range(1, n_items + 1))
+    genres = ["action", "comedy", "drama", "horror", "scifi"]
+    items = pd.DataFrame({
+        "genre": [genres[i % len(genres)] for i in range(n_items)],
+        "tags": [(genres[i % 5], genres[(i * 7) % 5]) for i in range(n_items)],
+        "year": rng.integers(1970, 2020, n_items).astype("float64"),
+    }, index=pd.Index(item_ids, name="item_id"))
+    user_ids = [str(u) for u in range(1, n_users + 1)]
+    users = pd.DataFrame({
+        "age": rng.integers(18, 70, n_users).astype("float64"),
+        "country": [["de", "fr", "us"][u % 3] for u in range(n_users)],
+    }, index=pd.Index(user_ids, name="user_id"))
+    rows = []
+    for u in user_ids:
+        picks = rng.choice(n_items, size=per_user, replace=False)
+        for t, p in enumerate(picks):
+            rows.append((u, item_ids[p], 1_600_000_000 + t * 60, 1.0))
+    inter = pd.DataFrame(rows, columns=["user_id", "item_id", "timestamp", "weight"])
+    inter["timestamp"] = inter["timestamp"].astype("int64")
+    if not str_item_ids:
+        inter["item_id"] = inter["item_id"].astype("int64")
+    return World(users=users, items=items, interactions=inter,
+                 user_features=[FeatureSpec("age", "numeric"), FeatureSpec("country", "categorical")],
+                 item_features=[FeatureSpec("genre", "categorical"), FeatureSpec("tags", "multi"),
+                                FeatureSpec("year", "numeric")])
+
+
+def make_model(world: World, dim: int = 16, seed: int = 0, model: str = "youtubednn") -> Any:
+    import torch
+
+    from towers.checkpoint import TwoTowerModel
+    from towers.features import FeatureEncoder
+    from towers.model import TowerConfig
+
+    torch.manual_seed(seed)
+    enc = FeatureEncoder.fit(world.users, world.items, world.user_features, world.item_features, history_len=10)
+    cfg = TowerConfig(model=model, dim=dim, emb_dim=16, feature_dim=8, hidden=(32,))
+    m = TwoTowerModel.create(cfg, enc, meta={"model_version": "test"})
+    # random init gives near-identical vectors for every user; a larger history embedding spread
+    # makes a user's history visibly move their vector, like a trained model's would
+    with torch.no_grad():
+        for p in m.user_tower.parameters():  # type: ignore[union-attr]
+            p.mul_(8.0)
+        for p in m.item_tower.parameters():  # type: ignore[union-attr]
+            p.mul_(8.0)
+    return m.eval()
+
+
+def serving_bundle(world: World | None = None, *, model_version: str = "20250101T000000Z-aaaaaa",
+                   index_version: str = "20250101T000000Z-bbbbbb", seed: int = 0) -> Any:
+    """A ServingBundle built in memory (no files): model + exact searcher + id map + data."""
+    from index.searcher import ExactSearcher, IdMap
+    from service.bundles import serving_bundle_from_parts
+
+    world = world or make_world(seed=seed)
+    model = make_model(world, seed=seed)
+    vecs = model.embed_items(world.items)  # (N, D)
+    id_map = IdMap(list(world.items.index))
+    searcher = ExactSearcher(vecs, id_map.faiss_ids)
+    return serving_bundle_from_parts(model=model, searcher=searcher, id_map=id_map, model_version=model_version,
+                                     index_version=index_version, item_vectors=vecs, users=world.users,
+                                     interactions=world.interactions)
