@@ -1,0 +1,198 @@
+"""Cache, event store, Redis breaker and micro-batcher against a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.batching import DirectRunner, MicroBatcher
+from service.cache import Computed, ResultCache
+from service.events import MemoryEventStore, RedisEventStore
+from service.metrics import Metrics
+from service.redisconn import RedisGuard, RedisUnavailable, make_client
+
+
+def _guard(url: str, retry_s: float = 0.3) -> RedisGuard:
+    return RedisGuard(make_client(url, 0.25), retry_s=retry_s, retry_max_s=1.0)
+
+
+def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_version(redis_url, redis_prefix, redis_client):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        calls = []
+
+        async def compute() -> Computed:
+            calls.append(1)
+            return Computed(b'{"items":[]}', None)
+
+        key = cache.key("v1", b"req")
+        assert key.startswith(f"{redis_prefix}:v1:rec:v1:")
+        assert await cache.get_or_compute(key, None, None, compute) == (b'{"items":[]}', False)
+        assert await cache.get_or_compute(key, None, None, compute) == (b'{"items":[]}', True)
+        assert len(calls) == 1
+        # a new index version is a different key: the old entry is unreachable
+        assert (await cache.get_or_compute(cache.key("v2", b"req"), None, None, compute))[1] is False
+        assert 0 < redis_client.ttl(key) <= 60
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_an_event_invalidates_that_users_cached_answer(redis_url, redis_prefix):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        events = RedisEventStore(g, redis_prefix, cap=10, ttl_s=60)
+        n = 0
+
+        async def compute() -> Computed:
+            nonlocal n
+            n += 1
+            ev = await events.read("u1")
+            return Computed(f'{{"n":{n},"h":{len(ev.items)}}}'.encode(), ev.seq)
+
+        key = cache.key("v1", b"u1")
+        seq_key = events.seq_key("u1")
+        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":1,"h":0}', False)
+        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":1,"h":0}', True)
+        await events.append("u1", "42")
+        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":2,"h":1}', False)
+        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":2,"h":1}', True)
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_identical_concurrent_misses_are_computed_once(redis_url, redis_prefix):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        calls = 0
+
+        async def compute() -> Computed:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return Computed(b"{}", None)
+
+        key = cache.key("v1", b"same")
+        res = await asyncio.gather(*(cache.get_or_compute(key, None, None, compute) for _ in range(20)))
+        assert calls == 1
+        assert all(body == b"{}" for body, _ in res)
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_dead_redis_costs_no_errors_and_little_time_then_recovers(private_redis):
+    async def main() -> None:
+        g = _guard(private_redis.url, retry_s=0.2)
+        cache = ResultCache(guard=g, prefix="tt-test", ttl_s=60, metrics=Metrics.create())
+        events = RedisEventStore(g, "tt-test", cap=10, ttl_s=60)
+
+        async def compute() -> Computed:
+            return Computed(b"{}", None)
+
+        assert await g.ping()
+        private_redis.stop()
+        # first call notices the failure; the breaker then skips Redis without touching the network
+        assert await cache.get_or_compute("k", None, None, compute) == (b"{}", False)
+        assert not g.up
+        t0 = time.perf_counter()
+        for _ in range(200):
+            assert await cache.get_or_compute("k", None, None, compute) == (b"{}", False)
+        assert time.perf_counter() - t0 < 0.5
+        with pytest.raises(RedisUnavailable):
+            await events.append("u", "1")
+        private_redis.start()
+        watcher = asyncio.create_task(g.watch(0.05))
+        deadline = time.monotonic() + 5
+        while not g.up and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        watcher.cancel()
+        assert g.up, "the breaker did not close after Redis came back"
+        await cache.get_or_compute("k", None, None, compute)
+        assert (await cache.get_or_compute("k", None, None, compute))[1] is True
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_event_list_is_capped_but_seen_set_keeps_everything(redis_url, redis_prefix, redis_client):
+    async def main() -> None:
+        g = _guard(redis_url)
+        for store in (RedisEventStore(g, redis_prefix, cap=3, ttl_s=60), MemoryEventStore(cap=3)):
+            for i, ts in enumerate([100, 200, 300, 400, 150]):
+                n, seq = await store.append("7", str(i + 1), ts)
+            assert (n, seq) == (3, 5)
+            ev = await store.read("7")
+            # newest 3 by arrival (3, 4, 5) ordered by their timestamps (5 happened at 150)
+            assert ev.items == ["5", "3", "4"]
+            assert ev.seen == {"1", "2", "3", "4", "5"}
+            assert ev.seq == 5
+        assert redis_client.llen(f"{redis_prefix}:v1:events:7") == 3
+        assert 0 < redis_client.ttl(f"{redis_prefix}:v1:seen:7") <= 60
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_microbatcher_coalesces_concurrent_requests_and_groups_by_key():
+    calls: list[list[tuple[str, int]]] = []
+    lock = threading.Lock()
+
+    def fn(items: list[tuple[str, int]]) -> list[int]:
+        with lock:
+            calls.append(items)
+        assert len({k for k, _ in items}) == 1, "a batch mixed keys"
+        time.sleep(0.01)
+        if items[0][0] == "bad":
+            raise ValueError("boom")
+        return [v * 2 for _, v in items]
+
+    async def main() -> None:
+        ex = ThreadPoolExecutor(1)
+        mb: MicroBatcher[tuple[str, int], int] = MicroBatcher(fn, executor=ex, max_size=8, max_wait_s=0.005,
+                                                              key=lambda it: it[0])
+        mb.start()
+        items = [("a" if i % 2 else "b", i) for i in range(40)] + [("bad", 99)]
+        res = await asyncio.gather(*(mb.submit(it) for it in items), return_exceptions=True)
+        assert res[:40] == [i * 2 for i in range(40)]
+        assert isinstance(res[40], ValueError)
+        assert max(len(c) for c in calls) <= 8
+        assert len(calls) < 41 / 2, f"no coalescing: {len(calls)} calls for 41 requests"
+        await mb.close()
+        ex.shutdown()
+
+        ex = ThreadPoolExecutor(1)
+        direct: DirectRunner[tuple[str, int], int] = DirectRunner(fn, executor=ex)
+        calls.clear()
+        assert await asyncio.gather(*(direct.submit(("a", i)) for i in range(5))) == [0, 2, 4, 6, 8]
+        assert [len(c) for c in calls] == [1] * 5
+        ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_lone_request_waits_at_most_max_wait():
+    def fn(items: list[int]) -> list[int]:
+        return items
+
+    async def main() -> None:
+        ex = ThreadPoolExecutor(1)
+        mb: MicroBatcher[int, int] = MicroBatcher(fn, executor=ex, max_size=64, max_wait_s=0.002)
+        mb.start()
+        await mb.submit(0)
+        t0 = time.perf_counter()
+        for i in range(20):
+            assert await mb.submit(i) == i
+        assert (time.perf_counter() - t0) / 20 < 0.010
+        await mb.close()
+        ex.shutdown()
+
+    asyncio.run(main())
