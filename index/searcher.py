@@ -497,7 +497,7 @@ class IdMap:
             if v in self._row:
                 raise SearchError(f"duplicate item id {v!r} (rows {self._row[v]} and {r})")
             self._row[v] = r
-        self.uses_item_ids = id_type == "int" and (not self.ids or min(self.ids) >= 0)  # type: ignore[type-var]
+        self.uses_item_ids = id_type == "int" and all(int(v) >= 0 for v in self.ids)
         if self.uses_item_ids:
             self.faiss_ids = np.asarray(self.ids, dtype=np.int64)
         else:

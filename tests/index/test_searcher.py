@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from index_factories import clustered
 
 from index.searcher import (
     ExactSearcher,
@@ -16,6 +15,7 @@ from index.searcher import (
     choose_recipe,
     recall_at_k,
 )
+from tests.index.index_factories import clustered
 
 DIM = 32
 
