@@ -1,0 +1,204 @@
+"""Retrieval losses with ONE signature (the shape of TFRS's Retrieval task).
+
+    retrieval_loss(user_vecs (B, D), item_vecs (C, D), item_rows (C,), sampling_logq (C,) | None,
+                   *, temperature, loss, logq_correction, mask_accidental_hits, ...) -> scalar
+
+Candidates are ``[positives; extra negatives]``: row i's positive is candidate i (C >= B), and the
+other candidates are its negatives (the other rows' positives only when ``in_batch_negatives``).
+Vectors are unit-norm (the towers normalise), so ``u . v / temperature`` is a scaled cosine.
+
+- ``softmax`` (default): sampled softmax, cross-entropy of the positive among its candidates.
+- ``bpr``: -log sigmoid(s_pos - s_neg), averaged over the row's negatives.
+- ``bce``: independent binary cross-entropy, positive -> 1, each negative -> 0 (negatives averaged).
+- ``positive``: no negatives at all: 1 - cos(user, positive). Nothing pushes unrelated items apart,
+  so embeddings can "fold" (the folding diagnostic compares against it).
+
+logQ correction subtracts ``sampling_logq`` (log expected count of the candidate under the sampler)
+from every logit, the positive's included, as sampled softmax prescribes. Accidental hits are
+candidates equal to the row's own positive (a popular item drawn again as a "negative", or the
+same item being another row's positive) and, optionally, items of the user's training history;
+they are removed from the row's negatives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LOSSES = ("softmax", "bpr", "bce", "positive")
+
+
+def retrieval_logits(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Tensor,
+                     sampling_logq: torch.Tensor | None = None, *, temperature: float = 0.05,
+                     logq_correction: bool = True, mask_accidental_hits: bool = True,
+                     in_batch_negatives: bool = True, history_mask: torch.Tensor | None = None,
+                     hard_negatives: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full picture, for inspection and tests: corrected logits (B, C) over every candidate and
+    the negative mask (B, C), True where candidate j counts as a negative for row i (the positive of
+    row i is column i and never a negative). ``retrieval_loss`` computes the same thing faster."""
+    B, C = _check(user_vecs, item_vecs, item_rows, temperature)
+    logits = (user_vecs @ item_vecs.T) / temperature  # (B, C)
+    if logq_correction and sampling_logq is not None:
+        logits = logits - sampling_logq.to(logits.dtype).unsqueeze(0)  # (B, C) - (1, C)
+    pos_logit, neg_logits, excluded, offset = _parts(
+        user_vecs, item_vecs, item_rows, sampling_logq, temperature=temperature, logq_correction=logq_correction,
+        mask_accidental_hits=mask_accidental_hits, in_batch_negatives=in_batch_negatives,
+        history_mask=history_mask, hard_negatives=hard_negatives)
+    neg = torch.zeros((B, C), dtype=torch.bool, device=logits.device)
+    neg[:, offset:] = ~excluded
+    return logits, neg
+
+
+def _check(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Tensor,
+           temperature: float) -> tuple[int, int]:
+    B, C = user_vecs.shape[0], item_vecs.shape[0]
+    if C < B:
+        raise ValueError(f"need at least one candidate per row: {C} candidates for {B} users")
+    if item_rows.shape != (C,):
+        raise ValueError(f"item_rows has shape {tuple(item_rows.shape)}, expected ({C},)")
+    if temperature <= 0:
+        raise ValueError("temperature must be > 0")
+    return B, C
+
+
+def _parts(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Tensor,
+           sampling_logq: torch.Tensor | None, *, temperature: float, logq_correction: bool,
+           mask_accidental_hits: bool, in_batch_negatives: bool, history_mask: torch.Tensor | None,
+           hard_negatives: int, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """Positive logits (B,), negative logits (B, K) over candidates ``offset:`` and their EXCLUDED
+    mask (True = not a negative of this row). With ``fused`` the negative logits are not computed
+    (None): the fused softmax computes them itself.
+
+    Without in-batch negatives only the extra candidates (offset B) are scored: no wasted (B, B)
+    block. Every elementwise pass over the (B, K) block costs as much as the matmul on a CPU, so the
+    correction rides inside ``addmm`` and the positive is scored apart (a row-wise dot product).
+    """
+    B, C = _check(user_vecs, item_vecs, item_rows, temperature)
+    offset = 0 if in_batch_negatives else B
+    cand_vecs, cand_rows = item_vecs[offset:], item_rows[offset:]  # (K, D), (K,)
+    pos_rows = item_rows[:B]
+    pos_logit = (user_vecs * item_vecs[:B]).sum(-1) / temperature  # (B,)
+    correct = logq_correction and sampling_logq is not None
+    if correct:
+        assert sampling_logq is not None
+        pos_logit = pos_logit - sampling_logq.to(user_vecs.dtype)[:B]
+    neg_logits = None if fused else _neg_logits(user_vecs, cand_vecs, sampling_logq if correct else None,
+                                                offset, temperature)
+    K = cand_rows.shape[0]
+    if mask_accidental_hits:
+        # the row's own positive wherever it appears (its diagonal slot included)
+        excluded = cand_rows.unsqueeze(0) == pos_rows.unsqueeze(1)  # (B, K)
+    else:
+        excluded = torch.zeros((B, K), dtype=torch.bool, device=user_vecs.device)
+        if in_batch_negatives:
+            excluded.fill_diagonal_(True)  # the positive itself is never its own negative
+    if history_mask is not None:
+        if history_mask.shape != (B, C):
+            raise ValueError(f"history_mask has shape {tuple(history_mask.shape)}, expected ({B}, {C})")
+        excluded = excluded | history_mask[:, offset:]
+    if bool((cand_rows == 0).any()):
+        excluded = excluded | (cand_rows == 0).unsqueeze(0)  # padding rows are never candidates
+    if 0 < hard_negatives < K:
+        # the hardest negatives: the highest raw scores (logQ does not make an item harder)
+        with torch.no_grad():
+            raw = user_vecs @ cand_vecs.T  # (B, K)
+            top = raw.masked_fill_(excluded, float("-inf")).topk(hard_negatives, dim=1).indices  # (B, h)
+            keep = torch.zeros_like(excluded)
+            keep.scatter_(1, top, True)
+            excluded = excluded | ~keep
+    return pos_logit, neg_logits, excluded, offset
+
+
+def _neg_logits(user_vecs: torch.Tensor, cand_vecs: torch.Tensor, sampling_logq: torch.Tensor | None,
+                offset: int, temperature: float) -> torch.Tensor:
+    if sampling_logq is None:
+        return (user_vecs @ cand_vecs.T) / temperature  # (B, K)
+    # (B, K) = -logq (1, K) + (u @ v.T) / temperature in one fused op
+    bias = -sampling_logq.to(user_vecs.dtype)[offset:].unsqueeze(0)
+    return torch.addmm(bias, user_vecs, cand_vecs.T, alpha=1.0 / temperature)
+
+
+class _SoftmaxPartition(torch.autograd.Function):
+    """log(exp(pos_i) + sum_j exp(logit_ij) over non-excluded j), logit = u_i . c_j / t - logq_j.
+
+    Autograd would keep and re-read half a dozen (B, K) temporaries; this keeps one (the
+    exponentials) and its backward is a single elementwise pass plus two matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, pos: torch.Tensor, user_vecs: torch.Tensor, cand_vecs: torch.Tensor,
+                bias: torch.Tensor | None, excluded: torch.Tensor, temperature: float) -> torch.Tensor:
+        if bias is None:
+            z = torch.mm(user_vecs, cand_vecs.T).mul_(1.0 / temperature)  # (B, K)
+        else:
+            z = torch.addmm(bias.unsqueeze(0), user_vecs, cand_vecs.T, alpha=1.0 / temperature)
+        z.masked_fill_(excluded, float("-inf"))
+        m = torch.maximum(z.amax(dim=1), pos)  # (B,) finite: pos is finite
+        z.sub_(m.unsqueeze(1)).exp_()  # z = exp(logit - m), 0 where excluded
+        total = z.sum(dim=1) + torch.exp(pos - m)  # (B,)
+        lse = m + torch.log(total)
+        ctx.save_for_backward(user_vecs, cand_vecs, z, m, lse, pos)
+        ctx.temperature = temperature
+        ctx.has_bias = bias is not None
+        return lse
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        user_vecs, cand_vecs, z, m, lse, pos = ctx.saved_tensors
+        t = ctx.temperature
+        # d lse / d logit_ij = softmax_ij = z_ij * exp(m_i - lse_i); scale rows by the upstream grad
+        row_scale = grad * torch.exp(m - lse)  # (B,)
+        g = z * row_scale.unsqueeze(1)  # (B, K)
+        grad_pos = grad * torch.exp(pos - lse)
+        grad_u = torch.mm(g, cand_vecs).mul_(1.0 / t) if ctx.needs_input_grad[1] else None
+        grad_c = torch.mm(g.T, user_vecs).mul_(1.0 / t) if ctx.needs_input_grad[2] else None
+        grad_bias = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return grad_pos, grad_u, grad_c, grad_bias, None, None
+
+
+def retrieval_loss(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Tensor,
+                   sampling_logq: torch.Tensor | None = None, *, temperature: float = 0.05,
+                   loss: str = "softmax", logq_correction: bool = True, mask_accidental_hits: bool = True,
+                   in_batch_negatives: bool = True, history_mask: torch.Tensor | None = None,
+                   hard_negatives: int = 0, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean (optionally ``weights``-weighted, (B,)) loss over the batch rows. See the module doc."""
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    B = user_vecs.shape[0]
+    if loss == "positive":
+        per_row = positive_only_loss(user_vecs, item_vecs[:B])
+    else:
+        fused = loss == "softmax"
+        pos, neg_logits, excluded, offset = _parts(
+            user_vecs, item_vecs, item_rows, sampling_logq, temperature=temperature,
+            logq_correction=logq_correction, mask_accidental_hits=mask_accidental_hits,
+            in_batch_negatives=in_batch_negatives, history_mask=history_mask, hard_negatives=hard_negatives,
+            fused=fused)
+        if fused:
+            # cross-entropy of the positive: log-partition over {positive, usable negatives} - pos
+            bias = None
+            if logq_correction and sampling_logq is not None:
+                bias = -sampling_logq.to(user_vecs.dtype)[offset:]
+            lse = _SoftmaxPartition.apply(pos, user_vecs, item_vecs[offset:], bias, excluded, temperature)
+            per_row = lse - pos
+        else:
+            assert neg_logits is not None
+            usable = ~excluded
+            n_neg = usable.sum(1).clamp_min(1).to(neg_logits.dtype)  # (B,)
+            if loss == "bpr":
+                pair = F.softplus(neg_logits - pos.unsqueeze(1))  # -log sigmoid(pos - neg), (B, K)
+                per_row = pair.masked_fill(excluded, 0.0).sum(1) / n_neg
+            else:  # bce
+                neg_term = F.softplus(neg_logits).masked_fill(excluded, 0.0).sum(1) / n_neg  # -log(1 - sigmoid)
+                per_row = F.softplus(-pos) + neg_term  # -log sigmoid(pos) + mean negative term
+    if weights is None:
+        return per_row.mean()
+    w = weights.to(per_row.dtype)
+    return (per_row * w).sum() / w.sum().clamp_min(1e-12)
+
+
+def positive_only_loss(user_vecs: torch.Tensor, pos_vecs: torch.Tensor) -> torch.Tensor:
+    """(B,) 1 - cosine(user, positive): pulls each pair together and nothing apart."""
+    return 1.0 - F.cosine_similarity(user_vecs, pos_vecs, dim=-1)

@@ -1,0 +1,45 @@
+"""Training curves as a PNG (matplotlib's headless Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 50, title: str = "") -> None:
+    """Two panels: mean training loss per epoch, and validation HR@k (seen items masked) per epoch.
+
+    ``epochs``: the per-epoch records of metrics.json (``epoch``, ``loss``, ``valid_hr``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    xs = [int(e["epoch"]) for e in epochs]
+    fig, (ax_loss, ax_hr) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(xs, [float(e["loss"]) for e in epochs], marker="o")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title("loss")
+    ax_loss.grid(alpha=0.3)
+    hr = [(x, e.get("valid_hr")) for x, e in zip(xs, epochs, strict=True) if e.get("valid_hr") is not None]
+    if hr:
+        ax_hr.plot([x for x, _ in hr], [float(v) for _, v in hr], marker="o", color="tab:green")
+        best = max(hr, key=lambda t: t[1])
+        ax_hr.axvline(best[0], color="grey", linestyle=":", label=f"best epoch {best[0]}: {best[1]:.4f}")
+        ax_hr.legend(loc="lower right")
+    ax_hr.set_xlabel("epoch")
+    ax_hr.set_ylabel(f"valid HR@{k} (seen masked)")
+    ax_hr.set_title(f"validation HR@{k}")
+    ax_hr.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
