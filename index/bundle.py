@@ -76,9 +76,13 @@ class BundleError(ValueError):
 
 
 def new_version(now: _dt.datetime | None = None) -> str:
-    """Sortable version string ``YYYYmmddTHHMMSSZ-<6 hex>`` (the hex breaks ties within a second)."""
+    """Sortable version string ``YYYYmmddTHHMMSSZ-<6 hex>``.
+
+    The hex is the microsecond (at most 0xF423F), not a random tag: two bundles published within
+    one second must still sort in publishing order, because rollback and pruning go by that order.
+    """
     now = now or _dt.datetime.now(_dt.UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{secrets.token_hex(3)}"
+    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{now.microsecond:06x}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,6 +218,15 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
 
 def _plain(v: Any) -> Any:
     return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
+
+
+def _plain_value(v: Any) -> Any:
+    """Parquet hands list cells back as numpy arrays; features are tuples in the schema."""
+    if isinstance(v, np.ndarray):
+        return tuple(v.tolist())
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
@@ -415,7 +428,7 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True, backend: str = "
     popular = [id_map.parse(p) for p in _load_json(d / POPULAR)]
     users = pd.read_parquet(d / USERS)
     cols = list(users.columns)
-    user_features = {str(uid): dict(zip(cols, vals, strict=True))
+    user_features = {str(uid): {c: _plain_value(v) for c, v in zip(cols, vals, strict=True)}
                      for uid, vals in zip(users.index, users.itertuples(index=False, name=None), strict=True)}
     ui = pd.read_parquet(d / USER_ITEMS)
     conv = int if id_map.id_type == "int" else str

@@ -19,12 +19,9 @@ from towers.checkpoint import TwoTowerModel
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Catalogue, TwoTowerModel, Path]:
-    cat = tiny_catalogue(n_items=100, n_users=60)
-    model = tiny_model(cat)
-    root = tmp_path_factory.mktemp("model")
-    d = write_model_artifacts(root, cat, model)
-    return cat, model, d / "model.pt"
+def trained(tiny_trained) -> tuple[Catalogue, TwoTowerModel, Path]:
+    cat, model, root = tiny_trained
+    return cat, model, root / "models" / "20240101T000000Z-aaaaaa" / "model.pt"
 
 
 def stage(artifacts: Path, trained, version: str, *, vectors: np.ndarray | None = None) -> Path:
@@ -62,9 +59,9 @@ def test_a_published_bundle_loads_with_everything_the_service_needs(tmp_path, tr
     d = B.current_bundle_dir(tmp_path)
     assert d == tmp_path / "bundles" / V1
     b = B.load_bundle(d)
-    assert b.index_version == V1 and b.manifest.n_items == 100 and b.manifest.dim == 16
+    assert b.index_version == V1 and b.manifest.n_items == 200 and b.manifest.dim == 16
     assert b.model.user_tower is not None and b.model.item_tower is None  # serving loads only the user side
-    assert b.item_vectors.shape == (100, 16)
+    assert b.item_vectors.shape == (200, 16)
     # search results are the exact neighbours, translated back to catalogue ids
     q = b.model.embed_users(["1"], [b.user_features["1"]], [b.histories["1"]])
     (ids, scores), = b.search(q, 10)
@@ -122,12 +119,12 @@ def _flip_byte(p: Path) -> None:
     (lambda d: (d / B.MANIFEST).unlink(), "manifest missing"),
     (lambda d: (d / B.MANIFEST).write_text("{not json"), "not valid JSON"),
     (lambda d: rewrite(d, B.INDEX, _truncate), "cannot read FAISS index"),
-    (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.zeros((100, 8), np.float32))),
-     r"shape \(100, 8\), manifest says \(100, 16\)"),
-    (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.full((100, 16), np.nan, np.float32))),
+    (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.zeros((200, 8), np.float32))),
+     r"shape \(200, 8\), manifest says \(200, 16\)"),
+    (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.full((200, 16), np.nan, np.float32))),
      "NaN or inf"),
     (lambda d: rewrite(d, B.ITEM_IDS, lambda p: p.write_text(json.dumps(
-        {"id_type": "int", "faiss_ids": "item_id", "ids": [1] * 100}))), "duplicate item id 1"),
+        {"id_type": "int", "faiss_ids": "item_id", "ids": [1] * 200}))), "duplicate item id 1"),
     (lambda d: rewrite(d, B.POPULAR, lambda p: p.write_text("[12345]")), "not in the catalogue"),
 ])
 def test_a_damaged_bundle_is_refused_and_current_stays(tmp_path, trained, damage, message) -> None:

@@ -1,0 +1,418 @@
+"""The batch reindex job: embed the catalogue, build the index, gate on recall, publish a bundle.
+
+    run(ReindexConfig(artifacts=...)) -> Manifest
+
+Reads ``models/<v>/model.pt`` and ``models/<v>/data/{items,users,interactions}.parquet`` (written by
+the training job). ``items`` (CSV or Parquet: ``item_id`` + the model's item feature columns) adds
+items to the catalogue or replaces the features of existing ones; an id the model never saw is
+embedded from its content features alone (row 0 of the id table), so new items become searchable
+without retraining. Nothing is published unless the index reaches ``recall_floor`` recall@k against
+exact search for real users' vectors.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from index.bundle import (
+    DEFAULT_KEEP,
+    DEFAULT_PREFIX,
+    BundleError,
+    Manifest,
+    new_version,
+    publish,
+    staging_dir,
+    write_bundle,
+)
+from index.searcher import (
+    ExactSearcher,
+    FaissSearcher,
+    IdMap,
+    Recipe,
+    Searcher,
+    SearchError,
+    TorchExactSearcher,
+    choose_recipe,
+    faiss_gpus,
+    recall_at_k,
+    set_threads,
+    torch_cuda_available,
+)
+from towers.schema import DataError, conform_table, normalize_user_id, read_table_with_lines
+
+if TYPE_CHECKING:
+    from towers.checkpoint import TwoTowerModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReindexConfig:
+    artifacts: str | Path = "artifacts"
+    model_version: str | None = None  # None: the version named in models/LATEST
+    items: str | Path | None = None  # extra/updated catalogue rows (csv or parquet)
+    factory: str | None = None  # FAISS factory string; None: choose_recipe(n_items)
+    nprobe: int | None = None  # IVF; None: the smallest that clears the recall floor
+    ef_search: int | None = None  # HNSW; None: the smallest that clears the recall floor
+    recall_floor: float = 0.95
+    recall_k: int = 100
+    keep: int = DEFAULT_KEEP  # bundles kept for rollback
+    redis_url: str | None = None  # None/"": no notification (services still poll CURRENT)
+    redis_prefix: str = DEFAULT_PREFIX
+    n_eval_users: int = 1000  # users whose vectors measure recall
+    batch_size: int = 65536  # items per item-tower forward pass
+    popular_cap: int = 10_000  # length of the popularity fallback list
+    seed: int = 0
+    threads: int | None = None  # FAISS OpenMP threads; None: the CPUs we may use
+    use_gpu: bool | None = None  # None: when one is there
+    publish: bool = True  # False: build and validate the staged bundle only (benchmarks)
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest
+
+    def check(self) -> None:
+        if not 0.0 <= self.recall_floor <= 1.0:
+            raise ValueError(f"recall floor must be within [0, 1], got {self.recall_floor}")
+        for name in ("recall_k", "keep", "n_eval_users", "batch_size", "popular_cap"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("nprobe", "ef_search"):
+            v = getattr(self, name)
+            if v is not None and int(v) < 1:
+                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+
+
+@dataclass
+class RecallReport:
+    recall: float
+    k: int
+    n_queries: int
+    recipe: Recipe
+    tried: list[tuple[int, float]]  # (nprobe or efSearch, recall) for every setting measured
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def resolve_model_dir(artifacts: Path, version: str | None) -> tuple[Path, str]:
+    models = artifacts / "models"
+    if version is None:
+        latest = models / "LATEST"
+        if not latest.is_file():
+            raise DataError("no --model-version given and models/LATEST does not exist (train a model first)",
+                            path=latest)
+        version = latest.read_text(encoding="utf-8").strip()
+        if not version:
+            raise DataError("models/LATEST is empty", path=latest)
+    d = models / version
+    if not (d / "model.pt").is_file():
+        raise DataError(f"model version {version!r} has no model.pt", path=d)
+    return d, version
+
+
+def _read_parquet(path: Path, what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise DataError(f"{what} not found (the training job writes it next to model.pt)", path=path)
+    try:
+        return pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises many types
+        raise DataError(f"cannot read parquet: {exc}", path=path) from exc
+
+
+def load_catalogue(model: TwoTowerModel, base: pd.DataFrame, base_path: Path,
+                   extra_path: str | Path | None) -> tuple[pd.DataFrame, int]:
+    """The training catalogue plus the rows of ``extra_path`` (new ids appended, known ids replaced).
+
+    Returns (catalogue indexed by item id, number of rows that came from ``extra_path``).
+    """
+    enc = model.encoder
+    specs = enc.item_features
+    missing = [s.name for s in specs if s.name not in base.columns]
+    if missing:
+        raise DataError(f"missing feature column(s) {', '.join(map(repr, missing))} the model needs", path=base_path)
+    if base.index.has_duplicates:
+        dup = base.index[base.index.duplicated()][0]
+        raise DataError(f"duplicate item id {dup!r}", path=base_path)
+    base = base[[s.name for s in specs]]
+    if extra_path is None:
+        return base, 0
+
+    df, where = read_table_with_lines(extra_path, text_columns=["item_id"])
+    if "item_id" not in df.columns:
+        raise DataError(f"no item_id column (columns: {', '.join(map(str, df.columns))})", path=extra_path,
+                        column="item_id")
+    by_row = str(extra_path).lower().endswith((".parquet", ".pq"))
+
+    def at(i: int) -> dict[str, int]:
+        return {"row": int(where[i])} if by_row else {"line": int(where[i])}
+
+    raw = df["item_id"]
+    blank = raw.isna() | (raw.astype(str).str.strip() == "")
+    if blank.any():
+        raise DataError("empty item id", path=extra_path, column="item_id", **at(int(np.flatnonzero(blank)[0])))
+    if enc.item_id_is_int:
+        ids: list[Any] = []
+        for i, v in enumerate(raw):
+            try:
+                ids.append(enc.normalize_item_id(v))
+            except (TypeError, ValueError):
+                raise DataError(f"item id {v!r} is not an integer (this catalogue uses integer ids)",
+                                path=extra_path, column="item_id", **at(i)) from None
+    else:
+        ids = [str(v).strip() for v in raw]
+    seen: dict[Any, int] = {}
+    for i, v in enumerate(ids):
+        if v in seen:
+            first = where[seen[v]]
+            raise DataError(f"duplicate item id {v!r} (first at {'row' if by_row else 'line'} {first})",
+                            path=extra_path, column="item_id", **at(i))
+        seen[v] = i
+    feats = df.drop(columns=["item_id"])
+    feats.index = pd.RangeIndex(len(feats))
+    try:
+        conformed = conform_table(feats, specs, path=extra_path)
+    except DataError as exc:
+        # conform_table counts lines as if the file had no blank lines; name the real line/row
+        if exc.line is not None and 0 <= exc.line - 2 < len(where) and exc.column is not None:
+            msg = str(exc).rsplit(": ", 1)[-1]
+            raise DataError(msg, path=extra_path, column=exc.column, **at(exc.line - 2)) from None
+        raise
+    conformed.index = pd.Index(ids, name=base.index.name or "item_id")
+    if enc.item_id_is_int:
+        conformed.index = conformed.index.astype("int64")
+    replaced = base.index.isin(conformed.index)
+    catalogue = pd.concat([base.loc[~replaced], conformed])
+    return catalogue, len(conformed)
+
+
+def user_histories(interactions: pd.DataFrame, history_len: int, id_is_int: bool
+                   ) -> tuple[dict[str, list[Any]], dict[str, set[Any]]]:
+    """Each user's last ``history_len`` items (oldest first) and every item they interacted with."""
+    if interactions.empty:
+        return {}, {}
+    df = interactions[["user_id", "item_id", "timestamp"]].copy()
+    df["user_id"] = df["user_id"].map(normalize_user_id)
+    # stable sort: equal timestamps keep log order, so "the latest" is the one written last
+    df = df.sort_values(["user_id", "timestamp"], kind="stable")
+    conv = int if id_is_int else str
+    hist: dict[str, list[Any]] = {}
+    seen: dict[str, set[Any]] = {}
+    for uid, items in df.groupby("user_id", sort=False)["item_id"]:
+        vals = [conv(v) for v in items.tolist()]
+        hist[str(uid)] = vals[-history_len:] if history_len > 0 else []
+        seen[str(uid)] = set(vals)
+    return hist, seen
+
+
+def popularity(interactions: pd.DataFrame, catalogue: pd.Index, cap: int, id_is_int: bool) -> list[Any]:
+    """Catalogue items by interaction weight (ties: more interactions, then id), most popular first."""
+    conv = int if id_is_int else str
+    if interactions.empty:
+        return [conv(v) for v in catalogue[:cap]]
+    df = interactions[["item_id", "weight"]] if "weight" in interactions.columns else \
+        interactions[["item_id"]].assign(weight=1.0)
+    g = df.groupby("item_id")["weight"].agg(["sum", "count"])
+    g = g[g.index.isin(catalogue)]
+    g = g.reset_index().sort_values(["sum", "count", "item_id"], ascending=[False, False, True], kind="stable")
+    return [conv(v) for v in g["item_id"].head(cap)]
+
+
+# --------------------------------------------------------------------------------------------
+# recall gate
+
+
+def exact_searcher(vectors: np.ndarray, ids: np.ndarray) -> Searcher:
+    """The ground truth: torch on CUDA when there is one, else FAISS's flat index, which is exact
+    and several times faster on a CPU than numpy's argpartition (ExactSearcher stays the test twin)."""
+    if torch_cuda_available():
+        return TorchExactSearcher(vectors, ids, device="cuda")
+    if len(vectors) <= 20_000:
+        return ExactSearcher(vectors, ids)
+    return FaissSearcher.build(vectors, ids, "Flat", use_gpu=False)
+
+
+def measure_recall(searcher: FaissSearcher, truth_ids: np.ndarray, queries: np.ndarray, k: int,
+                   floor: float, tune_nprobe: bool, tune_ef: bool) -> RecallReport:
+    """recall@k of ``searcher`` against ``truth_ids``; when allowed, raise nprobe (IVF) or efSearch
+    (HNSW) step by step to the smallest setting that clears ``floor``."""
+    recipe = searcher.recipe
+    tried: list[tuple[int, float]] = []
+
+    def measure() -> float:
+        _, got = searcher.search(queries, k)
+        return recall_at_k(got, truth_ids, k)
+
+    r = measure()
+    if recipe.kind == "ivf" and tune_nprobe:
+        nlist = _nlist(recipe.factory)
+        nprobe = searcher.recipe.nprobe or 1
+        tried.append((nprobe, r))
+        while r < floor and nprobe < nlist:
+            nprobe = min(nlist, nprobe * 2)
+            searcher.apply_params(nprobe=nprobe)
+            r = measure()
+            tried.append((nprobe, r))
+    elif recipe.kind == "hnsw" and tune_ef:
+        ef = searcher.recipe.ef_search or max(k, 64)
+        searcher.apply_params(ef_search=ef)
+        r = measure()
+        tried.append((ef, r))
+        while r < floor and ef < 4096:
+            ef *= 2
+            searcher.apply_params(ef_search=ef)
+            r = measure()
+            tried.append((ef, r))
+    return RecallReport(recall=r, k=k, n_queries=len(queries), recipe=searcher.recipe, tried=tried)
+
+
+def _nlist(factory: str) -> int:
+    import re
+
+    m = re.search(r"IVF(\d+)", factory.upper())
+    return int(m.group(1)) if m else 1
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def run(cfg: ReindexConfig) -> Manifest:
+    """Embed, index, gate, write and (unless ``cfg.publish`` is False) publish. Returns the manifest.
+
+    Raises DataError/BundleError (ValueError) for bad input or a failed recall gate; nothing is
+    published then and the current bundle stays current.
+    """
+    from towers.checkpoint import load_checkpoint
+
+    cfg.check()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    threads = set_threads(cfg.threads)
+    artifacts = Path(cfg.artifacts)
+    model_dir, model_version = resolve_model_dir(artifacts, cfg.model_version)
+    model = load_checkpoint(model_dir / "model.pt")
+    if torch_cuda_available() and cfg.use_gpu is not False:
+        for tower in (model.user_tower, model.item_tower):
+            if tower is not None:
+                tower.to("cuda")
+    data = model_dir / "data"
+    items_path = data / "items.parquet"
+    base = _read_parquet(items_path, "catalogue")
+    users = _read_parquet(data / "users.parquet", "user table")
+    interactions = _read_parquet(data / "interactions.parquet", "interaction log")
+    for col in ("user_id", "item_id", "timestamp"):
+        if col not in interactions.columns:
+            raise DataError(f"interaction log lacks column {col!r}", path=data / "interactions.parquet", column=col)
+    users.index = users.index.map(normalize_user_id)
+    catalogue, n_extra = load_catalogue(model, base, items_path, cfg.items)
+    if catalogue.empty:
+        raise DataError("the catalogue has no items", path=items_path)
+    t = lap("load", t0)
+
+    # ---- embed every item: ids the model never saw are embedded from content only (cold start)
+    vectors = model.embed_items(catalogue, batch_size=cfg.batch_size)  # (N, D)
+    if vectors.shape != (len(catalogue), model.dim):
+        raise BundleError(f"item tower returned shape {vectors.shape}, expected ({len(catalogue)}, {model.dim})")
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        first = catalogue.index[int(np.flatnonzero(bad)[0])]
+        first = first.item() if isinstance(first, np.generic) else first
+        raise BundleError(f"the item tower produced NaN/inf vectors for {int(bad.sum())} item(s), first "
+                          f"item {first!r}; the model checkpoint {model_dir / 'model.pt'} is broken")
+    id_is_int = model.encoder.item_id_is_int
+    n_cold = int((model.encoder.item_rows(catalogue.index) == 0).sum())
+    t = lap("embed_items", t)
+
+    # ---- index
+    try:
+        id_map = IdMap(list(catalogue.index), "int" if id_is_int else "str")
+    except SearchError as exc:
+        raise DataError(str(exc), path=cfg.items or items_path) from exc
+    if cfg.factory:
+        recipe = Recipe(cfg.factory, cfg.nprobe, cfg.ef_search)
+    else:
+        auto = choose_recipe(len(catalogue), model.dim)
+        recipe = Recipe(auto.factory, cfg.nprobe or auto.nprobe, cfg.ef_search or auto.ef_search)
+    searcher = FaissSearcher.build(vectors, id_map.faiss_ids, recipe, seed=cfg.seed, use_gpu=cfg.use_gpu)
+    t = lap("build_index", t)
+
+    # ---- recall gate on real users' vectors
+    hist, seen = user_histories(interactions, model.encoder.history_len, id_is_int)
+    queries, source = _eval_queries(model, users, hist, vectors, cfg)
+    k = min(cfg.recall_k, len(catalogue))
+    truth = exact_searcher(vectors, id_map.faiss_ids).search(queries, k)[1]
+    report = measure_recall(searcher, truth, queries, k, cfg.recall_floor,
+                            tune_nprobe=cfg.nprobe is None, tune_ef=cfg.ef_search is None)
+    t = lap("recall_gate", t)
+    log.info("recall@%d of %s = %.4f over %d %s (tried %s)", k, _describe(report.recipe), report.recall,
+             len(queries), source, report.tried or "-")
+    if report.recall < cfg.recall_floor:
+        raise BundleError(f"recall@{k} of {_describe(report.recipe)} is {report.recall:.4f} over {len(queries)} "
+                          f"{source}, below the floor {cfg.recall_floor}; not publishing (raise --nprobe/"
+                          f"--ef-search, pick another --factory, or lower --recall-floor)")
+
+    # ---- write and publish
+    popular = popularity(interactions, catalogue.index, cfg.popular_cap, id_is_int)
+    version = new_version()
+    staged = staging_dir(artifacts, version)
+    extra = {"threads": threads, "faiss_gpus": faiss_gpus(), "n_extra_items": n_extra,
+             "items_path": str(cfg.items) if cfg.items else None, "eval_queries": source,
+             "recall_tried": report.tried, **cfg.extra}
+    try:
+        manifest = write_bundle(
+            staged, index_version=version, model_version=model_version, model_path=model_dir / "model.pt",
+            searcher=searcher, id_map=id_map, item_vectors=vectors, popular=popular, users=users,
+            histories=hist, seen=seen, recall=report.recall, recall_k=k, n_eval_users=len(queries),
+            history_len=model.encoder.history_len, n_cold_items=n_cold, extra=extra)
+        t = lap("write_bundle", t)
+        if cfg.publish:
+            publish(artifacts, staged, keep=cfg.keep, redis_url=cfg.redis_url, prefix=cfg.redis_prefix)
+            lap("publish", t)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staged, ignore_errors=True)
+        raise
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    manifest.extra["timings_s"] = timings
+    log.info("bundle %s: %d items (%d cold), dim %d, %s, recall@%d %.4f, %.1fs", version, manifest.n_items,
+             n_cold, manifest.dim, _describe(report.recipe), k, report.recall, timings["total"])
+    if not cfg.publish:
+        manifest.extra["staged_dir"] = str(staged)
+    return manifest
+
+
+def _eval_queries(model: TwoTowerModel, users: pd.DataFrame, hist: dict[str, list[Any]],
+                  vectors: np.ndarray, cfg: ReindexConfig) -> tuple[np.ndarray, str]:
+    """(Q, D) query vectors for the recall gate: real users from the interaction log, embedded with
+    the user tower as the service would; item vectors only when the log has no users."""
+    rng = np.random.default_rng(cfg.seed)
+    uids = sorted(hist)
+    if uids:
+        if len(uids) > cfg.n_eval_users:
+            uids = [uids[i] for i in np.sort(rng.choice(len(uids), cfg.n_eval_users, replace=False))]
+        feats = users.reindex(uids)
+        return model.embed_users(uids, feats, [hist[u] for u in uids]), "users"
+    n = min(cfg.n_eval_users, len(vectors))
+    return vectors[np.sort(rng.choice(len(vectors), n, replace=False))], "item vectors (no users in the log)"
+
+
+def _describe(recipe: Recipe) -> str:
+    knobs = []
+    if recipe.nprobe is not None and recipe.kind == "ivf":
+        knobs.append(f"nprobe={recipe.nprobe}")
+    if recipe.ef_search is not None and recipe.kind == "hnsw":
+        knobs.append(f"efSearch={recipe.ef_search}")
+    return recipe.factory + (f" ({', '.join(knobs)})" if knobs else "")
