@@ -91,15 +91,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from service.bundles import current_pointer, load_serving_bundle
+        from service.bundles import bundle_dir, current_pointer, load_serving_bundle
 
-        bundles = BundleManager(settings.bundles_dir, metrics, loader=load_serving_bundle, pointer=current_pointer)
+        bundles = BundleManager(settings.artifacts, metrics, loader=load_serving_bundle, pointer=current_pointer,
+                                version_dir=bundle_dir)
         runtime = Runtime(settings, metrics, bundles)
         app.state.runtime = runtime
         await runtime.start()
         if bundles.current is None:
             log.warning("no bundle to serve yet; /readyz answers 503 until one is published",
-                        extra={"bundles_dir": str(settings.bundles_dir), "error": bundles.last_error})
+                        extra={"artifacts": str(settings.artifacts), "error": bundles.last_error})
         try:
             yield
         finally:

@@ -5,7 +5,7 @@ is one attribute assignment (atomic under the GIL). Requests take ``manager.curr
 that object, so an answer is always computed from one (model, index) pair. A bundle that fails
 validation or loading is logged and counted, never made current.
 
-Triggers: a Redis pub/sub notice on ``<prefix>:v1:bundles`` (any payload; the pointer file is
+Triggers: a Redis pub/sub notice on ``<prefix>:bundles`` (``index.bundle.channel``) (any payload; the pointer file is
 re-read, the message is not trusted), polling ``bundles/CURRENT`` every ``reload_poll_s`` seconds,
 and ``POST /v1/admin/reload``. Polling reacts to the pointer *changing*, so a bundle pinned by an
 admin reload (rollback) stays until the next publish.
@@ -31,21 +31,25 @@ class NoBundle(RuntimeError):
 
 
 class BundleManager:
-    def __init__(self, bundles_dir: Path, metrics: Metrics, *,
+    def __init__(self, artifacts: Path, metrics: Metrics, *,
                  loader: Callable[[Path], ServingBundle],
-                 pointer: Callable[[Path], Path | None]) -> None:
-        self.bundles_dir = Path(bundles_dir)
+                 pointer: Callable[[Path], Path | None],
+                 version_dir: Callable[[Path, str], Path]) -> None:
+        self.artifacts = Path(artifacts)
         self.metrics = metrics
         self._loader = loader
         self._pointer = pointer
+        self._version_dir = version_dir
         self.current: ServingBundle | None = None
         self._last_pointer: Path | None = None
         self._lock = asyncio.Lock()
         self.last_error: str | None = None
+        # redis-py's pubsub read can swallow a cancellation; loops also check this flag
+        self.stopped = False
 
     def _read_pointer(self) -> Path | None:
         try:
-            return self._pointer(self.bundles_dir)
+            return self._pointer(self.artifacts)
         except Exception as exc:  # unreadable pointer: keep serving what we have
             self.last_error = f"cannot read the bundle pointer: {exc}"
             log.warning(self.last_error)
@@ -67,9 +71,9 @@ class BundleManager:
 
     async def load_version(self, index_version: str) -> bool:
         """Serve a specific published bundle (rollback). Raises NoBundle when it is not there."""
-        target = self.bundles_dir / index_version
+        target = self._version_dir(self.artifacts, index_version)
         if not target.is_dir():
-            raise NoBundle(f"no bundle {index_version!r} under {self.bundles_dir}")
+            raise NoBundle(f"no bundle {index_version!r} under {target.parent}")
         async with self._lock:
             if not await self._load(target):
                 raise NoBundle(f"bundle {index_version!r} cannot be served: {self.last_error}")
@@ -96,7 +100,7 @@ class BundleManager:
 
     # ------------------------------------------------------------------ background triggers
     async def poll(self, interval_s: float) -> None:
-        while True:
+        while not self.stopped:
             await asyncio.sleep(interval_s)
             try:
                 await self.refresh()
@@ -106,7 +110,7 @@ class BundleManager:
     async def listen(self, redis_url: str, channel: str, connect_timeout_s: float = 1.0) -> None:
         """Subscribe to publish notices; reconnect with backoff while Redis is away."""
         backoff = 0.5
-        while True:
+        while not self.stopped:
             client = aioredis.Redis.from_url(redis_url, socket_connect_timeout=connect_timeout_s)
             try:
                 ps = client.pubsub(ignore_subscribe_messages=True)
@@ -114,8 +118,8 @@ class BundleManager:
                 backoff = 0.5
                 # the pointer may have moved while we were not subscribed
                 await self.refresh()
-                while True:
-                    msg = await ps.get_message(timeout=1.0)
+                while not self.stopped:
+                    msg = await ps.get_message(timeout=0.5)
                     if msg is not None and msg.get("type") == "message":
                         log.info("bundle notice received", extra={"payload": str(msg.get("data"))[:200]})
                         await self.refresh()

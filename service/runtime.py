@@ -85,11 +85,15 @@ class Runtime:
         if self.settings.reload_poll_s > 0:
             self._tasks.append(asyncio.create_task(self.bundles.poll(self.settings.reload_poll_s), name="bundle-poll"))
         if self.settings.redis_enabled:
+            from service.bundles import notice_channel
+
             self._tasks.append(asyncio.create_task(
-                self.bundles.listen(self.settings.redis_url, self.settings.channel("bundles")), name="bundle-listen"))
+                self.bundles.listen(self.settings.redis_url, notice_channel(self.settings.redis_prefix)),
+                name="bundle-listen"))
 
     async def stop(self) -> None:
         self.shutting_down = True
+        self.bundles.stopped = True
         await self.runner.close()
         for t in self._tasks:
             t.cancel()

@@ -78,12 +78,5 @@ class Settings(BaseSettings):
         return v
 
     @property
-    def bundles_dir(self) -> Path:
-        return Path(self.artifacts) / "bundles"
-
-    @property
     def redis_enabled(self) -> bool:
         return bool(self.redis_url.strip())
-
-    def channel(self, name: str) -> str:
-        return f"{self.redis_prefix}:v1:{name}"

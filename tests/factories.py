@@ -8,6 +8,7 @@ An untrained model is enough for the service's tests: they check what a user of 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,17 +77,35 @@ def make_model(world: World, dim: int = 16, seed: int = 0, model: str = "youtube
     return m.eval()
 
 
-def serving_bundle(world: World | None = None, *, model_version: str = "20250101T000000Z-aaaaaa",
-                   index_version: str = "20250101T000000Z-bbbbbb", seed: int = 0) -> Any:
-    """A ServingBundle built in memory (no files): model + exact searcher + id map + data."""
-    from index.searcher import ExactSearcher, IdMap
-    from service.bundles import serving_bundle_from_parts
+def histories_of(interactions: pd.DataFrame) -> dict[str, list[Any]]:
+    """user id -> every item interacted with, oldest first."""
+    df = interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    return {str(u): list(g["item_id"]) for u, g in df.groupby("user_id", sort=False)}
+
+
+def publish_bundle(artifacts: Path, world: World | None = None, model: Any = None, *, seed: int = 0,
+                   index_version: str | None = None, model_version: str = "20250101T000000Z-aaaaaa",
+                   recipe: str = "Flat", redis_url: str | None = None, prefix: str = "tt") -> Path:
+    """Write and publish a real bundle (index.bundle format) under ``artifacts``; returns its dir."""
+    from index.bundle import new_version, publish, staging_dir, write_bundle
+    from index.searcher import FaissSearcher, IdMap
+    from towers.checkpoint import save_checkpoint
 
     world = world or make_world(seed=seed)
-    model = make_model(world, seed=seed)
+    model = model or make_model(world, seed=seed)
+    index_version = index_version or new_version()
     vecs = model.embed_items(world.items)  # (N, D)
     id_map = IdMap(list(world.items.index))
-    searcher = ExactSearcher(vecs, id_map.faiss_ids)
-    return serving_bundle_from_parts(model=model, searcher=searcher, id_map=id_map, model_version=model_version,
-                                     index_version=index_version, item_vectors=vecs, users=world.users,
-                                     interactions=world.interactions)
+    searcher = FaissSearcher.build(vecs, id_map.faiss_ids, recipe)
+    hist = histories_of(world.interactions)
+    counts = world.interactions["item_id"].value_counts()
+    popular = list(counts.index) + [i for i in world.items.index if i not in counts.index]
+    ckpt = Path(artifacts) / "models" / model_version / "model.pt"
+    if not ckpt.exists():
+        save_checkpoint(ckpt, model)
+    staged = staging_dir(artifacts, index_version)
+    write_bundle(staged, index_version=index_version, model_version=model_version, model_path=ckpt,
+                 searcher=searcher, id_map=id_map, item_vectors=vecs, popular=popular, users=world.users,
+                 histories={u: h[-model.encoder.history_len:] for u, h in hist.items()}, seen=hist,
+                 recall=1.0, recall_k=10, n_eval_users=0, history_len=model.encoder.history_len)
+    return publish(artifacts, staged, redis_url=redis_url, prefix=prefix)
