@@ -102,8 +102,8 @@ class UniformSampler(NegativeSampler):
 
 class PopularitySampler(NegativeSampler):
     """Items drawn ∝ count^alpha (word2vec's unigram^0.75: popular items are sampled more often
-    than uniform, but less than their raw share). Items with no training count are never drawn
-    unless ``smoothing`` > 0 is added to every count first."""
+    than uniform, but less than their raw share). With alpha > 0 items with no training count are
+    never drawn unless ``smoothing`` > 0 is added to every count first; alpha = 0 is uniform."""
 
     name = "popularity"
 

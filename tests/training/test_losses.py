@@ -1,0 +1,140 @@
+"""Retrieval losses on tiny hand-made inputs: values, logQ correction, accidental-hit masking."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.losses import retrieval_logits, retrieval_loss
+
+
+def _unit(*rows: list[float]) -> torch.Tensor:
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+# two users, three candidates: positives (rows 10, 20) then one extra negative (row 30)
+U = _unit([1.0, 0.0], [0.0, 1.0])
+V = _unit([1.0, 0.0], [0.0, 1.0], [1.0, 1.0])
+ROWS = torch.tensor([10, 20, 30])
+T = 0.5
+
+
+def _cos(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return u @ v.T
+
+
+def test_softmax_loss_matches_a_hand_computation() -> None:
+    s = _cos(U, V) / T  # (2, 3)
+    by_hand = torch.stack([torch.logsumexp(s[i], 0) - s[i, i] for i in range(2)]).mean()
+    got = retrieval_loss(U, V, ROWS, None, temperature=T, logq_correction=False)
+    assert float(got) == pytest.approx(float(by_hand), rel=1e-12)
+
+
+def test_logq_correction_subtracts_log_q_from_every_logit() -> None:
+    logq = torch.tensor([math.log(0.5), math.log(0.1), math.log(0.02)], dtype=torch.float64)
+    plain, _ = retrieval_logits(U, V, ROWS, logq, temperature=T, logq_correction=False)
+    corrected, _ = retrieval_logits(U, V, ROWS, logq, temperature=T, logq_correction=True)
+    torch.testing.assert_close(corrected, plain - logq.unsqueeze(0))
+    # and the loss is the softmax of exactly those corrected logits
+    by_hand = torch.stack([torch.logsumexp(corrected[i], 0) - corrected[i, i] for i in range(2)]).mean()
+    got = retrieval_loss(U, V, ROWS, logq, temperature=T, logq_correction=True)
+    assert float(got) == pytest.approx(float(by_hand), rel=1e-12)
+    # a frequently sampled negative is penalised less after correction: the loss drops
+    assert float(got) != pytest.approx(float(retrieval_loss(U, V, ROWS, logq, temperature=T, logq_correction=False)))
+
+
+def test_a_negative_equal_to_the_rows_positive_is_masked() -> None:
+    rows = torch.tensor([10, 20, 10])  # the extra "negative" is user 0's own positive
+    v = _unit([1.0, 0.0], [0.0, 1.0], [1.0, 0.0])
+    _, neg = retrieval_logits(U, v, rows, temperature=T)
+    assert neg.tolist() == [[False, True, False], [True, False, True]]
+    s = _cos(U, v) / T
+    # user 0: only candidate 1 is a negative; user 1: candidates 0 and 2
+    by_hand = ((torch.logsumexp(s[0, [0, 1]], 0) - s[0, 0]) + (torch.logsumexp(s[1, [0, 1, 2]], 0) - s[1, 1])) / 2
+    got = retrieval_loss(U, v, rows, None, temperature=T, logq_correction=False)
+    assert float(got) == pytest.approx(float(by_hand), rel=1e-12)
+    unmasked = retrieval_loss(U, v, rows, None, temperature=T, logq_correction=False, mask_accidental_hits=False)
+    assert float(unmasked) > float(got)  # its own positive as a negative can only hurt
+
+
+def test_duplicate_positives_in_a_batch_are_not_each_others_negatives() -> None:
+    rows = torch.tensor([10, 10])  # two users whose positive is the same item
+    v = _unit([1.0, 0.0], [1.0, 0.0])
+    _, neg = retrieval_logits(U, v, rows, temperature=T)
+    assert not neg.any()
+    loss = retrieval_loss(U, v, rows, None, temperature=T)
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)  # the positive alone in its partition
+
+
+def test_history_items_are_masked_when_asked() -> None:
+    hist = torch.tensor([[False, False, True], [False, False, False]])  # row 30 is in user 0's history
+    _, neg = retrieval_logits(U, V, ROWS, temperature=T, history_mask=hist)
+    assert neg.tolist() == [[False, True, False], [True, False, True]]
+    with_mask = retrieval_loss(U, V, ROWS, None, temperature=T, history_mask=hist, logq_correction=False)
+    without = retrieval_loss(U, V, ROWS, None, temperature=T, logq_correction=False)
+    assert float(with_mask) < float(without)
+
+
+def test_without_in_batch_negatives_only_the_extra_items_compete() -> None:
+    _, neg = retrieval_logits(U, V, ROWS, temperature=T, in_batch_negatives=False)
+    assert neg.tolist() == [[False, False, True], [False, False, True]]
+    s = _cos(U, V) / T
+    by_hand = torch.stack([torch.logsumexp(s[i, [i, 2]], 0) - s[i, i] for i in range(2)]).mean()
+    got = retrieval_loss(U, V, ROWS, None, temperature=T, in_batch_negatives=False, logq_correction=False)
+    assert float(got) == pytest.approx(float(by_hand), rel=1e-12)
+
+
+def test_hard_negatives_keep_the_highest_scoring_ones() -> None:
+    u = _unit([1.0, 0.0])
+    v = _unit([1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [-1.0, 0.0])
+    rows = torch.tensor([1, 2, 3, 4])
+    _, neg = retrieval_logits(u, v, rows, temperature=T, hard_negatives=1)
+    assert neg.tolist() == [[False, True, False, False]]  # the closest non-positive
+
+
+def test_bpr_and_bce_values() -> None:
+    s = _cos(U, V) / T
+    pos = s.diagonal()
+    bpr = torch.stack([(F.softplus(-(pos[i] - s[i, [j for j in range(3) if j != i]]))).mean() for i in range(2)]).mean()
+    got = retrieval_loss(U, V, ROWS, None, temperature=T, loss="bpr", logq_correction=False)
+    assert float(got) == pytest.approx(float(bpr), rel=1e-12)
+    bce = torch.stack([F.softplus(-pos[i]) + F.softplus(s[i, [j for j in range(3) if j != i]]).mean()
+                       for i in range(2)]).mean()
+    got = retrieval_loss(U, V, ROWS, None, temperature=T, loss="bce", logq_correction=False)
+    assert float(got) == pytest.approx(float(bce), rel=1e-12)
+
+
+def test_positive_only_loss_pulls_pairs_together_and_ignores_negatives() -> None:
+    got = retrieval_loss(U, V, ROWS, None, loss="positive")
+    assert float(got) == pytest.approx(0.0, abs=1e-12)  # every user equals its positive
+    far = retrieval_loss(U, _unit([0.0, 1.0], [1.0, 0.0], [1.0, 1.0]), ROWS, None, loss="positive")
+    assert float(far) == pytest.approx(1.0)
+
+
+def test_fused_softmax_gradients_match_autograd() -> None:
+    torch.manual_seed(0)
+    u = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    v = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    rows = torch.tensor([1, 2, 3, 1, 5, 6, 2, 8, 9])
+    logq = torch.randn(9, dtype=torch.float64)
+    loss = retrieval_loss(u, v, rows, logq, temperature=0.2)
+    gu, gv = torch.autograd.grad(loss, (u, v))
+    logits, neg = retrieval_logits(u, v, rows, logq, temperature=0.2)
+    keep = neg | torch.eye(5, 9, dtype=torch.bool)
+    ref = (torch.logsumexp(logits.masked_fill(~keep, float("-inf")), 1) - logits.diagonal()).mean()
+    ru, rv = torch.autograd.grad(ref, (u, v))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(gu, ru)
+    torch.testing.assert_close(gv, rv)
+
+
+def test_bad_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="unknown loss"):
+        retrieval_loss(U, V, ROWS, loss="hinge")
+    with pytest.raises(ValueError, match="at least one candidate"):
+        retrieval_loss(U, V[:1], ROWS[:1])
+    with pytest.raises(ValueError, match="temperature"):
+        retrieval_loss(U, V, ROWS, temperature=0.0)
