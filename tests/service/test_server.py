@@ -1,0 +1,168 @@
+"""End to end through a real uvicorn process: train on synthetic data, reindex, serve, recall, post an
+event, see the next recall change, reindex again, see the new version served; then SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pandas as pd
+import pytest
+
+from tests.service.conftest import wait_port
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """artifacts/ with a model trained for one epoch on tiny synthetic data and its first bundle."""
+    from index.reindex import ReindexConfig
+    from index.reindex import run as reindex
+    from training.config import TrainConfig
+    from training.train import run as train
+
+    art = tmp_path_factory.mktemp("artifacts")
+    train(TrainConfig(data="synthetic", data_options={"size": "tiny"}, artifacts=str(art), dim=32, hidden=(64,),
+                      epochs=1, num_negatives=64, batch_size=512, quiet=True, num_threads=2))
+    reindex(ReindexConfig(artifacts=art, n_eval_users=50, threads=2))
+    return art
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_lines(self) -> list[dict]:
+        out = []
+        for line in self.log.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+def start_server(artifacts: Path, port: int, redis_url: str, prefix: str, log: Path, **env: str) -> Server:
+    e = dict(os.environ, TT_REDIS_PREFIX=prefix, TT_RELOAD_POLL_S="0.2", TT_LOG_LEVEL="INFO", **env)
+    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             "--artifacts", str(artifacts), "--redis-url", redis_url],
+                            env=e, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    srv = Server(proc, port, log)
+    try:
+        wait_port(port, timeout=60)
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{srv.url}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "server never became ready"
+            time.sleep(0.1)
+    except BaseException:
+        proc.kill()
+        raise
+    return srv
+
+
+@pytest.fixture
+def server(trained, free_port, redis_url, redis_prefix, tmp_path) -> Iterator[Server]:
+    srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log")
+    yield srv
+    if srv.proc.poll() is None:
+        srv.proc.terminate()
+        try:
+            srv.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            srv.proc.kill()
+
+
+def _a_known_user(artifacts: Path) -> str:
+    bundle = (artifacts / "bundles" / (artifacts / "bundles" / "CURRENT").read_text().strip())
+    ui = pd.read_parquet(bundle / "user_items.parquet")
+    return str(ui["user_id"].iloc[0])
+
+
+def test_train_reindex_serve_event_reindex_end_to_end(trained, server, redis_url, redis_prefix):
+    from index.reindex import ReindexConfig
+    from index.reindex import run as reindex
+
+    user = _a_known_user(trained)
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        first = c.post("/v1/recall", json={"user_id": user, "k": 20}, headers={"X-Request-ID": "e2e-1"})
+        assert first.status_code == 200, first.text
+        a = first.json()
+        assert first.headers["x-request-id"] == "e2e-1"
+        assert len(a["items"]) == 20 and "fallback" not in a
+        assert c.post("/v1/recall", json={"user_id": user, "k": 20}).json()["cached"] is True
+
+        top = a["items"][0]["item_id"]
+        assert c.post("/v1/events", json={"user_id": user, "item_id": top}).status_code == 200
+        b = c.post("/v1/recall", json={"user_id": user, "k": 20}).json()
+        assert b["cached"] is False and top not in {i["item_id"] for i in b["items"]}
+
+        old_version = a["index_version"]
+        m = reindex(ReindexConfig(artifacts=trained, n_eval_users=50, threads=2, redis_url=redis_url,
+                                  redis_prefix=redis_prefix))
+        assert m.index_version != old_version
+        deadline = time.monotonic() + 20
+        while True:
+            c_ = c.post("/v1/recall", json={"user_id": user, "k": 20}).json()
+            if c_["index_version"] == m.index_version:
+                break
+            assert c_["index_version"] == old_version  # never anything else
+            assert time.monotonic() < deadline, "the new bundle was not picked up"
+            time.sleep(0.1)
+        assert c_["model_version"] == m.model_version and c_["cached"] is False
+        assert top not in {i["item_id"] for i in c_["items"]}, "the event was lost across the reload"
+
+        metrics = c.get("/metrics").text
+        assert f'index_version="{m.index_version}"' in metrics
+        assert c.get("/openapi.json").json()["info"]["title"] == "twotower recall service"
+
+    logs = server.log_lines()
+    assert any(r.get("request_id") == "e2e-1" and r.get("route") == "/v1/recall" for r in logs), \
+        "no JSON access log line carried the request id"
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(trained, free_port, redis_url, redis_prefix,
+                                                                    tmp_path):
+    srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log", TT_CACHE_TTL_S="0")
+    # slow requests (a full batch each) so they are surely in flight when the signal lands
+    body = {"requests": [{"history": [u % 100 + 1, (u * 7) % 100 + 1], "k": 100} for u in range(256)]}
+
+    async def scenario() -> tuple[list[int], BaseException | None]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
+            inflight = [asyncio.create_task(client.post("/v1/recall/batch", json=body)) for _ in range(6)]
+            await asyncio.sleep(0.15)
+            assert not all(t.done() for t in inflight), "requests finished before the signal; make them slower"
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            refused: BaseException | None = None
+            try:
+                async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
+                    await fresh.get("/healthz")
+            except httpx.HTTPError as exc:
+                refused = exc
+            done = await asyncio.gather(*inflight)
+            return [r.status_code for r in done], refused
+
+    try:
+        statuses, refused = asyncio.run(scenario())
+        # uvicorn re-raises the signal after its graceful shutdown, so "killed by SIGTERM" is the clean exit
+        assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    assert statuses == [200] * 6, statuses
+    assert isinstance(refused, httpx.ConnectError), f"a new connection during shutdown was not refused: {refused!r}"
+    logs = srv.log_lines()
+    assert not any(r.get("level") == "ERROR" for r in logs), [r for r in logs if r.get("level") == "ERROR"][:3]
