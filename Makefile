@@ -16,6 +16,7 @@ BIN := $(abspath $(VENV))/bin
 RUN_STAMP := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 PIP_FLAGS ?= $(if $(CI),--progress-bar off,)
 
 .PHONY: help venv dev demo test lint bench clean distclean docker-build up down
@@ -68,10 +69,15 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy towers training index service twotower
 	$(BIN)/lint-imports
 
+# benchmarks/run.py when there is one, else every benchmarks/*.py that is an entry point (helpers are
+# named _*.py or *_runner.py). MovieLens benchmarks read ../shared/data beside the checkout.
 bench: $(RUN_STAMP)
-	@set -e; for f in benchmarks/*.py; do \
+	@set -e; export PATH="$(BIN):$$PATH"; \
+	if [ -f benchmarks/run.py ]; then exec $(PY) benchmarks/run.py $(BENCH_ARGS); fi; \
+	for f in benchmarks/*.py; do \
+	  case "$$(basename "$$f")" in _*|*_runner.py) continue;; esac; \
 	  [ -e "$$f" ] || { echo "no benchmarks/*.py yet"; exit 0; }; \
-	  echo "== $$f"; PATH="$(BIN):$$PATH" $(PY) "$$f"; done
+	  echo "== $$f"; $(PY) "$$f" $(BENCH_ARGS); done
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache build *.egg-info
