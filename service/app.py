@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 _JSON = "application/json"
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "the body is not decodable JSON"},
     413: {"description": "request body larger than TT_MAX_BODY_BYTES"},
     503: {"description": "no bundle loaded yet, or shutting down"},
 }
@@ -184,7 +185,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # ------------------------------------------------------------------ admin
     @app.post("/v1/admin/reload", response_model=ReloadResponse, tags=["admin"],
               dependencies=[Depends(require_admin)],
-              responses={401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"},
+              responses={400: {"description": "the body is not decodable JSON"},
+                         401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"},
                          404: {"description": "no such bundle"}},
               summary="Load the current (or a named) bundle now")
     async def reload(rt: RuntimeDep, body: ReloadRequest | None = None) -> ReloadResponse:

@@ -120,7 +120,7 @@ class RecallQuery:
             bool(self.exclude_seen),
             sorted({str(x) for x in self.exclude_ids}) if self.exclude_ids else [],
         ]
-        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(doc, separators=(",", ":")).encode()
 
 
 @dataclass
@@ -250,7 +250,7 @@ def render(ids: Sequence[ItemId], scores: Sequence[float], bundle: ServingBundle
         doc["fallback"] = "popular"
     if warnings:
         doc["warnings"] = list(warnings)
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
 
 
 def with_cached(body: bytes, cached: bool) -> bytes:
@@ -308,4 +308,4 @@ def compute_similar(b: ServingBundle, item_id: ItemId, k: int) -> bytes:
         "model_version": b.model_version,
         "index_version": b.index_version,
     }
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()

@@ -6,14 +6,37 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictStr, StringConstraints
 
 from service.settings import Settings
 
-# Ids on the wire: an integer or a non-empty string; 7 and "7" mean the same user (and the same item
-# in an integer catalogue). Booleans and floats are rejected rather than guessed at.
-IdStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=256)]
-WireId = StrictInt | IdStr
+
+
+def _whole_number(v: object) -> object:
+    """JSON Schema's "integer" includes 7.0; Python's bool is an int but never a valid id or count."""
+    if isinstance(v, bool):
+        raise ValueError("expected an integer, not a boolean")
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if not isinstance(v, int):
+        raise ValueError("expected an integer")
+    return v
+
+
+def _encodable(v: str) -> str:
+    # JSON may carry lone UTF-16 surrogates; they cannot be stored (Redis keys are UTF-8) or compared
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (no lone surrogates)") from None
+    return v
+
+
+WholeInt = Annotated[int, BeforeValidator(_whole_number)]
+# Ids on the wire: an integer or a string with a visible character; 7 and "7" mean the same user (and
+# the same item in an integer catalogue). Booleans and fractional numbers are rejected, not guessed at.
+IdStr = Annotated[StrictStr, StringConstraints(min_length=1, max_length=256, pattern=r"\S"), AfterValidator(_encodable)]
+WireId = WholeInt | IdStr
 FeatureName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 FeatureValue = (Annotated[float, Field(allow_inf_nan=False)] | Annotated[str, StringConstraints(max_length=1024)]
                 | Annotated[list[Annotated[str, StringConstraints(max_length=1024)]], Field(max_length=256)] | None)
@@ -84,7 +107,7 @@ def make_models(s: Settings) -> Models:
         features: Annotated[dict[FeatureName, FeatureValue], Field(max_length=s.max_features)] | None = Field(
             default=None, description="user feature values by name; override the stored profile feature by feature")
         k: int = Field(default=s.default_k, ge=1, le=s.max_k, description="number of items to return")
-        exclude_seen: bool = Field(default=True, description="drop every item the user interacted with")
+        exclude_seen: StrictBool = Field(default=True, description="drop every item the user interacted with")
         exclude_ids: Annotated[list[WireId], Field(max_length=s.max_exclude_ids)] | None = Field(
             default=None, description="item ids never to return")
 
@@ -96,6 +119,7 @@ def make_models(s: Settings) -> Models:
         model_config = ConfigDict(extra="forbid")
         user_id: WireId
         item_id: WireId
-        timestamp: StrictInt | None = Field(default=None, ge=0, le=2**53, description="unix seconds; default: now")
+        timestamp: Annotated[int, Field(ge=0, le=2**53), BeforeValidator(_whole_number)] | None = Field(
+            default=None, description="unix seconds; default: now")
 
     return Models(RecallRequest, BatchRecallRequest, EventRequest)
