@@ -100,6 +100,15 @@ class RecallReport:
 # inputs
 
 
+def _check_version_name(version: str, source: Path) -> None:
+    """A model version is one directory name under models/. Anything else (``..``, an absolute path,
+    a separator) would read a model from outside the artifacts root and publish it."""
+    if (not version or version.startswith(".") or "/" in version or "\\" in version
+            or Path(version).is_absolute()):
+        raise DataError(f"model version {version!r} is not a version name (one directory under models/)",
+                        path=source)
+
+
 def resolve_model_dir(artifacts: Path, version: str | None) -> tuple[Path, str]:
     models = artifacts / "models"
     if version is None:
@@ -110,6 +119,9 @@ def resolve_model_dir(artifacts: Path, version: str | None) -> tuple[Path, str]:
         version = latest.read_text(encoding="utf-8").strip()
         if not version:
             raise DataError("models/LATEST is empty", path=latest)
+        _check_version_name(version, latest)
+    else:
+        _check_version_name(version, models)
     d = models / version
     if not (d / "model.pt").is_file():
         raise DataError(f"model version {version!r} has no model.pt", path=d)
