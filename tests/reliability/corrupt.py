@@ -1,0 +1,155 @@
+"""Ways a bundle can be broken on disk, each with the words the rejection must contain.
+
+Some breakages leave the manifest as it was (the checksum or size check catches them); the nastier
+ones re-sign the manifest so every recorded checksum matches the broken files, and only the
+deeper checks (the FAISS reader, the dimension checks, the safe checkpoint loader) stand between
+the broken bundle and the service.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from index.bundle import MANIFEST, sha256_file
+
+
+def resign(d: Path, **updates: object) -> None:
+    """Rewrite the manifest so its checksums and sizes match the files as they are now."""
+    m = json.loads((d / MANIFEST).read_text())
+    m.update(updates)
+    for name in list(m["files"]):
+        p = d / name
+        if p.is_file():
+            m["files"][name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+    (d / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def set_version(d: Path, version: str) -> None:
+    m = json.loads((d / MANIFEST).read_text())
+    m["index_version"] = version
+    (d / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+
+
+def _truncate(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _other_dim_index(d: Path, dim: int) -> tuple[np.ndarray, object]:
+    from index.searcher import FaissSearcher, IdMap
+
+    ids = IdMap.load(d / "item_ids.json")
+    vecs = np.random.default_rng(0).standard_normal((len(ids), dim)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return vecs, FaissSearcher.build(vecs, ids.faiss_ids, "Flat", use_gpu=False)
+
+
+class Pickled:
+    """An object whose unpickling would run code (here: create a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (Path(self.marker),))
+
+
+def pickled_checkpoint(path: Path, marker: Path) -> None:
+    """A torch file that runs code when loaded with weights_only=False."""
+    import torch
+
+    torch.save({"format": "twotower-checkpoint/1", "payload": Pickled(str(marker))}, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalogue of breakages: name -> (break the directory, words the rejection must contain)
+
+
+def truncated_index(d: Path) -> None:
+    _truncate(d / "index.faiss")
+
+
+def truncated_index_resigned(d: Path) -> None:
+    _truncate(d / "index.faiss")
+    resign(d)
+
+
+def flipped_byte(d: Path) -> None:
+    _flip_byte(d / "item_vectors.npy")
+
+
+def missing_file(d: Path) -> None:
+    (d / "user_items.parquet").unlink()
+
+
+def wrong_dimension(d: Path) -> None:
+    """Index and vectors of dimension 8, manifest says 8, checksums right: the model says 16."""
+    vecs, searcher = _other_dim_index(d, 8)
+    np.save(d / "item_vectors.npy", vecs)
+    searcher.save(d / "index.faiss")  # type: ignore[attr-defined]
+    resign(d, dim=8)
+
+
+def index_dimension_mismatch(d: Path) -> None:
+    """Only the index has dimension 8; vectors and manifest still say 16."""
+    _vecs, searcher = _other_dim_index(d, 8)
+    searcher.save(d / "index.faiss")  # type: ignore[attr-defined]
+    resign(d)
+
+
+def nan_vectors(d: Path) -> None:
+    v = np.load(d / "item_vectors.npy")
+    v[3, 0] = np.nan
+    np.save(d / "item_vectors.npy", v)
+    resign(d)
+
+
+def garbage_manifest(d: Path) -> None:
+    (d / MANIFEST).write_text('{"format": "twotower-bundle/1", "index_version": ')
+
+
+def pickled_model(d: Path, marker: Path) -> None:
+    pickled_checkpoint(d / "model.pt", marker)
+    resign(d)
+
+
+@dataclass
+class Breakage:
+    name: str
+    apply: Callable[[Path], None]
+    says: tuple[str, ...]  # every one of these must appear in the error
+
+
+def breakages(marker: Path) -> list[Breakage]:
+    return [
+        Breakage("truncated-index", truncated_index, ("index.faiss", "truncated")),
+        Breakage("truncated-index-resigned", truncated_index_resigned, ("index.faiss", "cannot read FAISS index")),
+        Breakage("checksum-mismatch", flipped_byte, ("item_vectors.npy", "sha256")),
+        Breakage("missing-file", missing_file, ("user_items.parquet", "missing")),
+        Breakage("wrong-dimension", wrong_dimension, ("model outputs dim 16", "index dim is 8")),
+        Breakage("index-dimension-mismatch", index_dimension_mismatch, ("index.faiss", "dim 8")),
+        Breakage("nan-vectors", nan_vectors, ("NaN",)),
+        Breakage("garbage-manifest", garbage_manifest, ("manifest", "not valid JSON")),
+        Breakage("pickled-code-checkpoint", lambda d: pickled_model(d, marker), ("model.pt", "not a loadable")),
+    ]
+
+
+def broken_copy(good: Path, dest: Path, version: str, breakage: Breakage) -> Path:
+    """Copy a published bundle to ``dest``, give it ``version``, then break it."""
+    shutil.copytree(good, dest)
+    set_version(dest, version)
+    resign(dest)
+    breakage.apply(dest)
+    return dest

@@ -1,0 +1,96 @@
+"""Redis killed, restarted and hung while a real server is under load: every request is answered
+(200, never a 5xx or a dropped connection), answers are computed uncached while Redis is away,
+caching resumes once it is back, and every key the service wrote lives under its prefix."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.harness import Load, Outcome, RedisProc, Req, ServerProc, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def recall_mix(i: int) -> tuple[str, Req]:
+    # 40 distinct users so most requests repeat one that is cached (when the cache works)
+    if i % 10 == 9:
+        return "batch", Req("POST", "/v1/recall/batch",
+                            {"requests": [{"user_id": (i + j) % 40 + 1, "k": 10} for j in range(3)]})
+    return "recall", Req("POST", "/v1/recall", {"user_id": i % 40 + 1, "k": 10})
+
+
+def _answers(load: Load, after: float, before: float = float("inf")) -> list[Outcome]:
+    return [o for o in list(load.outcomes) if o.status == 200 and after < o.t0 and o.t1 < before]
+
+
+def _cached(outs: list[Outcome]) -> int:
+    return sum(1 for o in outs for (_m, _i, c) in o.versions if c)
+
+
+def test_redis_killed_hung_and_restarted_under_load(artifacts: Path, private_redis: RedisProc, prefix: str,
+                                                    tmp_path: Path, record_property) -> None:
+    env = {"TT_REDIS_RETRY_S": "0.1", "TT_REDIS_RETRY_MAX_S": "0.4", "TT_REDIS_TIMEOUT_S": "0.25",
+           "TT_RELOAD_POLL_S": "0"}
+    srv = ServerProc(artifacts, tmp_path / "server.log", redis_url=private_redis.url, prefix=prefix, env=env)
+    with srv, Load(srv.url, recall_mix, concurrency=8, max_requests=30_000, max_seconds=60) as load:
+        t_start = time.monotonic()
+        wait_until(lambda: _cached(_answers(load, t_start)) >= 30, 20, "cached answers before any fault")
+
+        # 1. crash: SIGKILL, no goodbye
+        private_redis.kill()
+        t_killed = time.monotonic()
+        wait_until(lambda: srv.readyz()["redis"] == "down", 10, "readiness reporting redis down")
+        assert srv.readyz()["status"] == "degraded"
+        n0 = load.sent
+        wait_until(lambda: load.sent - n0 >= 100, 15, "load while redis is dead")
+
+        # 2. restart on the same port: empty (no persistence), the breaker closes by itself
+        t_restart = time.monotonic()
+        private_redis.start()
+        wait_until(lambda: srv.readyz()["status"] == "ready", 15, "readiness after redis came back")
+        t_back = time.monotonic()
+        wait_until(lambda: _cached(_answers(load, t_back)) >= 30, 20, "cached answers after the restart")
+
+        # 3. hang: SIGSTOP keeps the sockets open but nothing answers; the 0.25 s timeout and the
+        # breaker keep requests moving
+        private_redis.pause()
+        t_paused = time.monotonic()
+        n1 = load.sent
+        try:
+            wait_until(lambda: load.sent - n1 >= 100, 15, "load while redis hangs")
+        finally:
+            private_redis.resume()
+        t_resumed = time.monotonic()
+        wait_until(lambda: srv.readyz()["status"] == "ready", 15, "readiness after redis resumed")
+        t_back2 = time.monotonic()
+        wait_until(lambda: _cached(_answers(load, t_back2)) >= 10, 20, "cached answers after the hang")
+        load.stop()
+
+    s = load.summary()
+    record_property("load", s)
+    print("redis faults under load:", s)
+    assert load.transport_errors() == 0, load.errors()
+    assert load.server_errors() == 0, load.errors()
+    assert load.errors() == {}, load.errors()
+    # while Redis was dead every answer was computed, none came from the cache
+    dead = _answers(load, t_killed, t_restart)
+    assert len(dead) >= 50 and _cached(dead) == 0
+    hung = _answers(load, t_paused, t_resumed)
+    assert len(hung) >= 50 and _cached(hung) == 0
+    # a hung Redis costs at most a timeout per breaker probe, not one per request
+    slow = sorted(o.t1 - o.t0 for o in hung)
+    assert slow[len(slow) // 2] < 0.25, f"median latency {slow[len(slow) // 2]:.3f}s while redis hung"
+    # every answer names the one bundle being served
+    assert len(load.pairs()) == 1, load.pairs()
+
+    # every key the service wrote is in its namespace (SCAN the private server: nothing else uses it)
+    client = private_redis.client()
+    try:
+        keys = [k.decode() for k in client.scan_iter(count=1000)]
+    finally:
+        client.close()
+    assert keys, "the restarted redis holds no cache entries: caching did not resume"
+    assert all(k.startswith(f"{prefix}:") for k in keys), [k for k in keys if not k.startswith(prefix)][:5]
