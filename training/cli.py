@@ -155,6 +155,8 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="maximum epochs")
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     g.add_argument("--lr", type=_positive_float, default=d.lr)
+    g.add_argument("--lr-schedule", choices=("constant", "cosine"), default=d.lr_schedule,
+                   help="cosine: decay the learning rate to 0 over --epochs")
     g.add_argument("--weight-decay", type=_non_negative_float, default=d.weight_decay)
     g.add_argument("--patience", type=_positive_int, default=d.patience,
                    help="stop after this many epochs without a better validation HR@K")
@@ -163,7 +165,7 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("execution")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d.device)
-    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: all cores)")
+    g.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: the cores not already busy)")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="VERSION|latest",
                    help="continue an interrupted run (its saved settings win over the ones given here)")
     g.add_argument("--stop-after-epoch", type=_non_negative_int, default=None, help=argparse.SUPPRESS)
@@ -192,7 +194,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
         negatives=args.negatives, loss=args.loss, num_negatives=args.num_negatives,
         hard_negatives=args.hard_negatives, popularity_alpha=args.popularity_alpha,
         logq_correction=args.logq_correction, mask_history_hits=args.mask_history_hits, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay, patience=args.patience,
+        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, weight_decay=args.weight_decay,
+        patience=args.patience,
         eval_k=args.eval_k, seed=args.seed, device=args.device, num_threads=args.threads, quiet=args.quiet,
         resume=args.resume, stop_after_epoch=args.stop_after_epoch,
     )

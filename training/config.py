@@ -50,13 +50,14 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 1024
     lr: float = 3e-3
+    lr_schedule: str = "constant"           # "constant" | "cosine" (decays to 0 at the last epoch)
     weight_decay: float = 0.0
     patience: int = 3                       # epochs without a better valid HR@K before stopping
     eval_k: int = 50
     seed: int = 0
     # execution
     device: str = "auto"                    # auto | cpu | cuda
-    num_threads: int | None = None          # torch CPU threads; None = all cores
+    num_threads: int | None = None          # torch CPU threads; None = the idle cores (>= 1)
     quiet: bool = False
     resume: str | None = None               # a model version, or "latest": continue that run
     stop_after_epoch: int | None = None     # stop (as if interrupted) after this epoch; for resume tests
@@ -79,6 +80,8 @@ class TrainConfig:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 2, f"batch size must be >= 2, got {self.batch_size}")
         need(self.lr > 0 and math.isfinite(self.lr), f"lr must be > 0, got {self.lr}")
+        need(self.lr_schedule in ("constant", "cosine"),
+             f"lr schedule must be constant or cosine, got {self.lr_schedule!r}")
         need(self.weight_decay >= 0, f"weight decay must be >= 0, got {self.weight_decay}")
         need(self.dim >= 1 and (self.emb_dim or 0) >= 1, "dim and emb_dim must be >= 1")
         need(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
