@@ -156,6 +156,10 @@ def resolve_resume_dir(artifacts: str | Path, which: str) -> Path:
         if not cands:
             raise DataError("--resume latest: no model version with a last.pt to resume", path=models)
         return cands[-1]
+    # a version is one directory under models/: "..", "../x" or an absolute path would resume (and
+    # then write into) a directory outside the artifacts root
+    if not which or which.startswith(".") or "/" in which or "\\" in which or Path(which).is_absolute():
+        raise DataError(f"--resume {which!r} is not a model version (one directory under models/)", path=models)
     mdir = models / which
     if not (mdir / "last.pt").is_file():
         raise DataError(f"--resume {which}: no resumable run (last.pt missing)", path=mdir)
