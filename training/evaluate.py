@@ -443,8 +443,8 @@ def register_eval(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--artifacts", required=True, help="artifacts directory (holds models/<version>/)")
     p.add_argument("--model-version", default=None, help="model version (default: the one named in models/LATEST)")
     p.add_argument("--data", default=None,
-                   help="data spec (synthetic | movielens:DIR | csv:DIR); default: the spec in the model's "
-                        "config.json, else the model's own data/ snapshot")
+                   help="data spec (synthetic | movielens:DIR | csv:DIR); default: the model version's own "
+                        "data/ snapshot (what it was trained on), else the spec in its config.json")
     p.add_argument("--split", choices=("test", "valid"), default="test", help="which held-out row to score")
     p.add_argument("--ks", default="10,50,100", help="comma-separated cut-offs (default 10,50,100)")
     p.set_defaults(handler=_eval_command)
@@ -476,9 +476,14 @@ def resolve_model_dir(artifacts: str | Path, version: str | None) -> Path:
     return mdir
 
 
-def _data_spec_for(mdir: Path, given: str | None) -> str:
+def _data_for(mdir: Path, given: str | None) -> tuple[str, dict[str, Any]]:
+    """(spec, load_data options). Default: the model's own data snapshot (exactly what it was
+    trained on), else the spec and options recorded in its config.json."""
     if given:
-        return given
+        return given, {}
+    snap = mdir / "data"
+    if (snap / "interactions.parquet").is_file() or (snap / "interactions.csv").is_file():
+        return f"csv:{snap}", {}
     cfg_path = mdir / "config.json"
     if cfg_path.is_file():
         try:
@@ -487,8 +492,10 @@ def _data_spec_for(mdir: Path, given: str | None) -> str:
             raise DataError(f"invalid JSON: {exc.msg}", path=cfg_path, line=exc.lineno) from exc
         spec = _find_key(cfg, "data")
         if isinstance(spec, str) and spec:
-            return spec
-    return f"csv:{mdir / 'data'}"
+            opts = _find_key(cfg, "data_options")
+            return spec, dict(opts) if isinstance(opts, dict) else {}
+    raise DataError("no --data given, and the model has neither a data/ snapshot nor a data spec in "
+                    "config.json", path=mdir)
 
 
 def _find_key(obj: Any, key: str) -> Any:
@@ -509,8 +516,8 @@ def _eval_command(args: argparse.Namespace) -> int:
 
     ks = _parse_ks(args.ks)
     mdir = resolve_model_dir(args.artifacts, args.model_version)
-    spec = _data_spec_for(mdir, args.data)
-    data = load_data(spec)
+    spec, opts = _data_for(mdir, args.data)
+    data = load_data(spec, **opts)
     split = split_leave_last_out(data)
     ev = build_eval_set(data, split, args.split)
     model = load_checkpoint(mdir / "model.pt")

@@ -223,3 +223,63 @@ def test_bad_scorer_shape_is_a_clear_error(tiny):
         evaluate_scores(np.zeros((2, 4), np.float32), ev)
     with pytest.raises(ValueError, match="which"):
         build_eval_set(data, split, "train")
+
+
+def _saved_model(tmp_path, data: RecData, version: str = "20260101T000000Z-abcdef"):
+    """A model version directory as the training job leaves it: model.pt, data/ snapshot, LATEST."""
+    from towers.checkpoint import TwoTowerModel, save_checkpoint
+    from towers.features import FeatureEncoder
+    from towers.model import TowerConfig
+
+    torch.manual_seed(0)
+    enc = FeatureEncoder.fit(data.users, data.items, [], [], history_len=5)
+    model = TwoTowerModel.create(TowerConfig(model="dssm", dim=8, emb_dim=8, hidden=(16,)), enc).eval()
+    mdir = tmp_path / "models" / version
+    (mdir / "data").mkdir(parents=True)
+    save_checkpoint(mdir / "model.pt", model)
+    data.interactions.to_parquet(mdir / "data" / "interactions.parquet", index=False)
+    (tmp_path / "models" / "LATEST").write_text(version + "\n")
+    return mdir, model
+
+
+def _eval_cli(argv: list[str]) -> int:
+    import argparse
+
+    from training.evaluate import register_eval
+
+    parser = argparse.ArgumentParser(prog="twotower")
+    register_eval(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+def test_eval_command_prints_table_and_writes_eval_json(tmp_path, capsys):
+    import json
+
+    data = _clustered(n_users=40, n_items=24, per_user=6)
+    mdir, model = _saved_model(tmp_path, data)
+    assert _eval_cli(["eval", "--artifacts", str(tmp_path), "--ks", "5,10"]) == 0
+    out = capsys.readouterr().out
+    assert "popularity" in out and "HR@5 masked" in out
+    saved = json.loads((mdir / "eval.json").read_text())
+    assert saved["model_version"] == mdir.name and saved["split"] == "test"
+    assert set(saved) >= {"model", "popularity"}
+    # the numbers are the evaluator's own on the snapshot the model was saved with
+    from training.data import load_data, split_leave_last_out
+
+    snap = load_data(f"csv:{mdir / 'data'}")
+    split = split_leave_last_out(snap)
+    want = evaluate_model(model, snap, split, "test", ks=(5, 10))
+    assert saved["model"]["masked"] == pytest.approx(want["masked"])
+    assert saved["model"]["n_users"] == 40
+
+
+def test_eval_command_without_a_model_is_a_clear_error(tmp_path):
+    from towers.schema import DataError
+
+    with pytest.raises(DataError, match="LATEST"):
+        _eval_cli(["eval", "--artifacts", str(tmp_path)])
+    with pytest.raises(DataError, match="no model.pt"):
+        _eval_cli(["eval", "--artifacts", str(tmp_path), "--model-version", "nope"])
+    with pytest.raises(ValueError, match="--ks"):
+        _eval_cli(["eval", "--artifacts", str(tmp_path), "--ks", "a,b"])
