@@ -285,6 +285,10 @@ class Load:
         self.stop()
         self.join()
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_for(self, check: Callable[[Load], bool], timeout: float, what: str) -> None:
         wait_until(lambda: check(self), timeout, what)
 
