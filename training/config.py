@@ -31,7 +31,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = (256,)
     dropout: float = 0.0
     temperature: float = 0.05
-    history_len: int = 50
+    history_len: int = 5                    # ML-100k: the last few items predict the next best (3-20 tried)
     use_user_id: bool = True
     use_history: bool = True
     use_user_features: bool = True
@@ -41,16 +41,16 @@ class TrainConfig:
     # negatives and loss
     negatives: str = "mixed"                # inbatch | uniform | popularity | mixed | hard | none
     loss: str = "softmax"                   # softmax | bpr | bce ("none" negatives -> positive-only)
-    num_negatives: int = 1024               # extra sampled items per batch (uniform/popularity/mixed/hard)
+    num_negatives: int = 256                # extra sampled items per batch (uniform/popularity/mixed/hard)
     hard_negatives: int = 64                # hard: negatives kept per row
     popularity_alpha: float = 0.75
     logq_correction: bool = True
     mask_history_hits: bool = False         # also mask candidates from the user's training history
     # optimisation
-    epochs: int = 30
-    batch_size: int = 1024
+    epochs: int = 4                         # with the cosine schedule: the length of the decay
+    batch_size: int = 512
     lr: float = 3e-3
-    lr_schedule: str = "constant"           # "constant" | "cosine" (decays to 0 at the last epoch)
+    lr_schedule: str = "cosine"             # "constant" | "cosine" (decays to 0 at the last epoch)
     weight_decay: float = 0.0
     patience: int = 3                       # epochs without a better valid HR@K before stopping
     eval_k: int = 50

@@ -17,6 +17,7 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     xs = [int(e["epoch"]) for e in epochs]
     fig, (ax_loss, ax_hr) = plt.subplots(1, 2, figsize=(10, 4))
@@ -35,6 +36,8 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
     ax_hr.set_ylabel(f"valid HR@{k} (seen masked)")
     ax_hr.set_title(f"validation HR@{k}")
     ax_hr.grid(alpha=0.3)
+    for ax in (ax_loss, ax_hr):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
     if title:
         fig.suptitle(title)
     fig.tight_layout()
