@@ -26,9 +26,9 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
     ax_loss.set_ylabel("training loss")
     ax_loss.set_title("loss")
     ax_loss.grid(alpha=0.3)
-    hr = [(x, e.get("valid_hr")) for x, e in zip(xs, epochs, strict=True) if e.get("valid_hr") is not None]
+    hr = [(x, float(e["valid_hr"])) for x, e in zip(xs, epochs, strict=True) if e.get("valid_hr") is not None]
     if hr:
-        ax_hr.plot([x for x, _ in hr], [float(v) for _, v in hr], marker="o", color="tab:green")
+        ax_hr.plot([x for x, _ in hr], [v for _, v in hr], marker="o", color="tab:green")
         best = max(hr, key=lambda t: t[1])
         ax_hr.axvline(best[0], color="grey", linestyle=":", label=f"best epoch {best[0]}: {best[1]:.4f}")
         ax_hr.legend(loc="lower right")
