@@ -1,14 +1,25 @@
-"""Result cache (Redis, or in-process when no Redis is configured) with single-flight misses.
+"""Two-level result cache with single-flight misses.
 
-Key: ``<prefix>:v1:rec:<index_version>:<sha256 of the canonical request>``. The index version is
-part of the key, so a new bundle makes every old entry unreachable (they expire by TTL). The
-canonical request covers the user id, inline history and features, k and the filters; what the
-user did through events is covered by the user's event counter, stored with the entry and compared
-in the same round trip (see ``service.events``). A Redis error never fails a request: the lookup
-counts as a bypass and the answer is computed, uncached.
+Level 2 (shared): Redis, key ``<prefix>:v1:rec:<index_version>:<sha256 of the canonical request>``,
+with a TTL. The index version is part of the key, so a new bundle makes every old entry
+unreachable. The canonical request covers the user id, inline history and features, k and the
+filters; what the user did through events is covered by the user's event counter, stored with the
+entry and compared in the same round trip (see ``service.events``).
 
-Identical concurrent misses (same key, same event counter) in this process share one
-computation: the first caller starts it as a task, later callers await the same task.
+Level 1 (this process): a small LRU of the same entries with a short TTL. On this 2-core machine a
+Redis round trip costs several times the CPU of the whole HTTP request (the loopback send and the
+wake-up of redis-server), so hot keys are answered from memory. Level-1 entries of a user are
+dropped when an event for that user is recorded: in this process at once (before the event's
+response is sent), from other processes through the ``<prefix>:v1:events`` notice channel (sub-ms on
+one host). While that channel is not connected, level 1 is not used for requests that name a user.
+Set ``TT_LOCAL_CACHE_TTL_S=0`` when several processes serve and a recall sent within a millisecond
+of an event posted to *another* process must already reflect it.
+
+A Redis error never fails a request: the answer is computed and not cached ("bypass"), and while
+Redis is down level 1 is skipped too, so every answer says ``cached: false``.
+
+Identical concurrent misses (same key, same event counter) in this process share one computation:
+the first caller starts it as a task, later callers await the same task.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -55,33 +66,135 @@ def _unpack(raw: bytes) -> tuple[int | None, bytes] | None:
         return None
 
 
+class LocalCache:
+    """LRU bounded by bytes, entries expire after ``ttl_s``; remembers which keys belong to a user."""
+
+    def __init__(self, ttl_s: float, max_bytes: int) -> None:
+        self.ttl_s, self.max_bytes = ttl_s, max_bytes
+        self._d: OrderedDict[str, tuple[float, int | None, bytes, str | None]] = OrderedDict()
+        self._by_user: dict[str, set[str]] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key: str) -> tuple[int | None, bytes] | None:
+        ent = self._d.get(key)
+        if ent is None:
+            return None
+        if ent[0] < time.monotonic():
+            self._drop(key)
+            return None
+        self._d.move_to_end(key)
+        return ent[1], ent[2]
+
+    def put(self, key: str, seq: int | None, body: bytes, user: str | None) -> None:
+        if key in self._d:
+            self._drop(key)
+        size = len(body) + len(key) + 100
+        if size > self.max_bytes:
+            return
+        self._d[key] = (time.monotonic() + self.ttl_s, seq, body, user)
+        self.bytes += size
+        if user is not None:
+            self._by_user.setdefault(user, set()).add(key)
+        while self.bytes > self.max_bytes:
+            self._drop(next(iter(self._d)))
+
+    def _drop(self, key: str) -> None:
+        ent = self._d.pop(key, None)
+        if ent is None:
+            return
+        self.bytes -= len(ent[2]) + len(key) + 100
+        user = ent[3]
+        if user is not None:
+            keys = self._by_user.get(user)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_user[user]
+
+    def drop_user(self, user: str) -> None:
+        for key in list(self._by_user.pop(user, ())):
+            ent = self._d.pop(key, None)
+            if ent is not None:
+                self.bytes -= len(ent[2]) + len(key) + 100
+
+    def drop_users(self) -> None:
+        for user in list(self._by_user):
+            self.drop_user(user)
+
+    def clear(self) -> None:
+        self._d.clear()
+        self._by_user.clear()
+        self.bytes = 0
+
+
 class ResultCache:
+    """``mode``: "redis" (L2 in Redis, optional L1), "memory" (no Redis configured: L1 is the cache,
+    with the full TTL) or "off" (TTL 0)."""
+
+    _RECENT = 4096  # event notices remembered, to refuse L1 writes computed before one of them
+
     def __init__(self, *, guard: RedisGuard | None, prefix: str, ttl_s: int, metrics: Metrics,
-                 local_max_entries: int = 50_000) -> None:
+                 local_ttl_s: float = 10.0, local_max_bytes: int = 64 << 20) -> None:
         self.guard = guard if guard is not None and guard.configured else None
         self.prefix, self.ttl_s, self.metrics = prefix, ttl_s, metrics
         self.mode = "off" if ttl_s <= 0 else ("redis" if self.guard is not None else "memory")
-        self._local: OrderedDict[str, tuple[float, int | None, bytes]] = OrderedDict()
-        self._local_max = local_max_entries
+        local_ttl = ttl_s if self.mode == "memory" else min(float(local_ttl_s), float(ttl_s))
+        self.local: LocalCache | None = LocalCache(local_ttl, local_max_bytes) \
+            if self.mode != "off" and local_ttl > 0 else None
+        # In "redis" mode, L1 may answer for a named user only while event notices from other
+        # processes are flowing; the runtime flips this when its subscription (dis)connects.
+        self.user_notices_live = self.mode == "memory"
+        self._notices = 0
+        self._recent: deque[tuple[int, str]] = deque(maxlen=self._RECENT)
         self._inflight: dict[str, asyncio.Future[Computed]] = {}
         c = metrics.cache
-        self._hit, self._miss = c.labels(result="hit"), c.labels(result="miss")
-        self._shared, self._bypass = c.labels(result="shared"), c.labels(result="bypass")
+        self._hit, self._hit_local = c.labels(result="hit"), c.labels(result="hit_local")
+        self._miss, self._shared, self._bypass = (c.labels(result="miss"), c.labels(result="shared"),
+                                                  c.labels(result="bypass"))
 
     def key(self, index_version: str, canonical: bytes) -> str:
         return cache_key(self.prefix, index_version, canonical)
 
-    # ------------------------------------------------------------------ raw get / set
+    # ------------------------------------------------------------------ event notices
+    def user_changed(self, user: str) -> None:
+        """An event for ``user`` was recorded (here or in another process): forget their L1 answers."""
+        self._notices += 1
+        self._recent.append((self._notices, user))
+        if self.local is not None:
+            self.local.drop_user(user)
+
+    def notices_connected(self, live: bool) -> None:
+        """The cross-process notice feed went up or down. Either way, notices may have been missed."""
+        if self.mode == "redis":
+            self.user_notices_live = live
+            if self.local is not None:
+                self.local.drop_users()
+            self._notices += 1  # in-flight computations must not fill L1 with what they read before
+
+    def _changed_since(self, user: str, mark: int) -> bool:
+        if self._notices == mark:
+            return False
+        if not self._recent or self._recent[0][0] > mark + 1:
+            return True  # the ring no longer reaches back to mark: assume the worst
+        return any(n > mark and u == user for n, u in self._recent)
+
+    def _local_ok(self, user: str | None) -> bool:
+        if self.local is None:
+            return False
+        if self.mode == "redis" and self.guard is not None and not self.guard.up:
+            return False  # Redis down: answers are uncached, also from L1
+        return user is None or self.user_notices_live
+
+    # ------------------------------------------------------------------ level 2
     async def lookup(self, key: str, seq_key: str | None, local_seq: int | None) -> Lookup | None:
-        """None when the cache cannot be used (off, or Redis unavailable)."""
+        """None when the shared cache cannot be used (off, or Redis unavailable)."""
         if self.mode == "off":
             return None
         if self.mode == "memory":
-            ent = self._local.get(key)
-            if ent is None or ent[0] < time.monotonic():
-                return Lookup(None, local_seq)
-            self._local.move_to_end(key)
-            return Lookup(ent[2] if ent[1] == local_seq else None, local_seq)
+            return Lookup(None, local_seq)
         assert self.guard is not None
 
         async def op(r) -> Lookup:
@@ -90,10 +203,7 @@ class ResultCache:
                 seq = None
             else:
                 # one round trip for the entry and the user's event counter
-                async with r.pipeline(transaction=False) as p:
-                    p.get(key)
-                    p.get(seq_key)
-                    raw, rseq = await p.execute()
+                raw, rseq = await r.mget(key, seq_key)
                 seq = int(rseq or 0)
             if raw is None:
                 return Lookup(None, seq)
@@ -108,13 +218,7 @@ class ResultCache:
             return None
 
     async def store(self, key: str, seq: int | None, body: bytes) -> None:
-        if self.mode == "off":
-            return
-        if self.mode == "memory":
-            self._local[key] = (time.monotonic() + self.ttl_s, seq, body)
-            self._local.move_to_end(key)
-            while len(self._local) > self._local_max:
-                self._local.popitem(last=False)
+        if self.mode != "redis":
             return
         assert self.guard is not None
         try:
@@ -123,12 +227,20 @@ class ResultCache:
             pass
 
     # ------------------------------------------------------------------ the read-through path
-    async def get_or_compute(self, key: str, seq_key: str | None, local_seq: int | None,
+    async def get_or_compute(self, key: str, user: str | None, seq_key: str | None, local_seq: int | None,
                              compute: Callable[[], Awaitable[Computed]]) -> tuple[bytes, bool]:
-        """(body, served_from_cache)."""
+        """(body, served_from_cache). ``user``: the user the answer depends on through events."""
+        mark = self._notices
+        if self._local_ok(user):
+            assert self.local is not None
+            ent = self.local.get(key)
+            if ent is not None and (self.mode != "memory" or user is None or ent[0] == local_seq):
+                self._hit_local.inc()
+                return ent[1], True
         look = await self.lookup(key, seq_key, local_seq)
         if look is not None and look.body is not None:
             self._hit.inc()
+            self._fill_local(key, look.seq, look.body, user, mark)
             return look.body, True
         usable = look is not None
         flight = f"{key}#{look.seq if look is not None else '?'}"
@@ -137,17 +249,26 @@ class ResultCache:
             self._shared.inc()
             return (await asyncio.shield(fut)).body, False
         (self._miss if usable else self._bypass).inc()
-        task = asyncio.ensure_future(self._compute_and_store(key, flight, compute, usable))
+        task = asyncio.ensure_future(self._compute_and_store(key, flight, compute, usable, user, mark))
         self._inflight[flight] = task
         # shield: a client that disconnects must not cancel the computation others are waiting on
         return (await asyncio.shield(task)).body, False
 
+    def _fill_local(self, key: str, seq: int | None, body: bytes, user: str | None, mark: int) -> None:
+        if not self._local_ok(user):
+            return
+        if user is not None and self._changed_since(user, mark):
+            return  # an event for this user arrived while we were reading: the answer may be stale
+        assert self.local is not None
+        self.local.put(key, seq, body, user)
+
     async def _compute_and_store(self, key: str, flight: str, compute: Callable[[], Awaitable[Computed]],
-                                 usable: bool) -> Computed:
+                                 usable: bool, user: str | None, mark: int) -> Computed:
         try:
             res = await compute()
             if usable and res.cacheable:
                 await self.store(key, res.seq, res.body)
+                self._fill_local(key, res.seq, res.body, user, mark)
             return res
         finally:
             self._inflight.pop(flight, None)

@@ -8,7 +8,8 @@ Redis layout (all under ``<prefix>:v1:``):
 - ``evseq:<user_id>``   counter bumped by every event; the result cache stores the counter it was
   computed at and a lookup compares it in the same round trip, so the next recall after an event
   never serves a stale answer (cheaper than deleting the user's cache keys, which we cannot list).
-All three are written in one MULTI/EXEC and share a TTL refreshed on each event.
+All three are written in one MULTI/EXEC, with a PUBLISH of the user id on ``<prefix>:v1:events`` so
+other processes drop their in-memory answers for that user, and share a TTL refreshed on each event.
 
 When Redis is configured but down, ``append`` raises ``RedisUnavailable`` and the route answers 503:
 an event is never dropped silently. With no Redis configured (``TT_REDIS_URL=""``) events live in
@@ -31,6 +32,10 @@ class UserEvents:
     items: list[str] = field(default_factory=list)  # item tokens (str(item_id)), oldest first
     seen: set[str] = field(default_factory=set)
     seq: int = 0
+
+
+def events_channel(prefix: str) -> str:
+    return f"{prefix}:v1:events"
 
 
 def _entry(ts: int, token: str) -> str:
@@ -75,6 +80,7 @@ class RedisEventStore(EventStore):
 
     def __init__(self, guard: RedisGuard, prefix: str, cap: int, ttl_s: int) -> None:
         self.guard, self.prefix, self.cap, self.ttl_s = guard, prefix, cap, ttl_s
+        self.notice_channel = events_channel(prefix)
 
     def _k(self, kind: str, user_id: str) -> str:
         return f"{self.prefix}:v1:{kind}:{user_id}"
@@ -93,6 +99,7 @@ class RedisEventStore(EventStore):
                 p.sadd(sk, token)
                 p.incr(qk)
                 p.llen(lk)
+                p.publish(self.notice_channel, user_id)
                 if self.ttl_s:
                     for k in (lk, sk, qk):
                         p.expire(k, self.ttl_s)

@@ -8,8 +8,10 @@ written while the request runs (a contextvar, so concurrent requests never mix i
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -23,10 +25,16 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _STD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 
+# Generated ids: a random per-process prefix and a counter (unique, 32 hex chars like a uuid4, but
+# without a urandom syscall per request, which cost ~9 us under load)
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
 def new_request_id(incoming: str | None) -> str:
     if incoming and _SANE_ID.match(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -65,3 +73,53 @@ def configure_logging(level: str = "INFO") -> None:
         lg = logging.getLogger(name)
         lg.handlers = []
         lg.propagate = True
+
+
+class AccessLog:
+    """One JSON line per request, in the same shape as ``JsonFormatter``'s, written without the
+    logging machinery (LogRecord, formatter, a write and flush per line): on the cached path that
+    machinery alone cost a fifth of the request. Lines are buffered and flushed within
+    ``flush_s`` (and at shutdown), so a crash can lose at most that much access log.
+    """
+
+    def __init__(self, stream: Any = None, flush_s: float = 0.1, logger_name: str = "service.access") -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self.enabled = logging.getLogger(logger_name).isEnabledFor(logging.INFO)
+        self._logger = json.dumps(logger_name)
+        self._buf: list[str] = []
+        self._flush_s = flush_s
+        self._scheduled = False
+        self._sec = -1
+        self._sec_text = ""
+
+    def write(self, method: str, path: str, route: str, status: int, ms: float, request_id: str) -> None:
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._sec, self._sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        msg = json.dumps(f"{method} {path} {status}")
+        self._buf.append(
+            f'{{"ts": "{self._sec_text}.{int((now - sec) * 1000):03d}Z", "level": "INFO", "logger": {self._logger}, '
+            f'"msg": {msg}, "request_id": {json.dumps(request_id)}, "route": {json.dumps(route)}, '
+            f'"status": {status}, "ms": {ms:.3f}}}\n')
+        if len(self._buf) >= 256:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                import asyncio
+
+                asyncio.get_running_loop().call_later(self._flush_s, self.flush)
+                self._scheduled = True
+            except RuntimeError:  # no loop (called from a thread): write now
+                self.flush()
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if not self._buf:
+            return
+        data, self._buf = "".join(self._buf), []
+        try:
+            self._stream.write(data)
+            self._stream.flush()
+        except (OSError, ValueError):  # stderr closed at shutdown: nothing sensible to do
+            pass

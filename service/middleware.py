@@ -7,17 +7,14 @@ budget is a fraction of a millisecond.
 from __future__ import annotations
 
 import json
-import logging
 import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.logging import new_request_id, request_id_var
+from service.logging import AccessLog, new_request_id, request_id_var
 from service.metrics import Metrics
-
-log = logging.getLogger("service.access")
 
 
 class BodyTooLarge(HTTPException):
@@ -26,9 +23,12 @@ class BodyTooLarge(HTTPException):
 
 
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: bool = True) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, access_log: AccessLog | None = None) -> None:
         self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
-        self.access_log = access_log
+        self.access_log = access_log if access_log is not None and access_log.enabled else None
+        # metric children per (route, method[, status]): labels() costs a lock and a dict build per call
+        self._lat: dict[tuple[str, str], Any] = {}
+        self._cnt: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,11 +88,16 @@ class RequestContextMiddleware:
             path = getattr(route, "path", None) or "unmatched"
             method = scope.get("method", "")
             status = state["status"]
-            self.metrics.latency.labels(path, method).observe(dt)
-            self.metrics.requests.labels(path, method, str(status)).inc()
-            if self.access_log:
-                log.info("%s %s %s", method, scope.get("path", ""), status,
-                         extra={"route": path, "status": status, "ms": round(dt * 1000, 3)})
+            lat = self._lat.get((path, method))
+            if lat is None:
+                lat = self._lat[(path, method)] = self.metrics.latency.labels(path, method)
+            lat.observe(dt)
+            cnt = self._cnt.get((path, method, status))
+            if cnt is None:
+                cnt = self._cnt[(path, method, status)] = self.metrics.requests.labels(path, method, str(status))
+            cnt.inc()
+            if self.access_log is not None:
+                self.access_log.write(method, scope.get("path", ""), path, status, dt * 1000, rid)
             request_id_var.reset(token)
 
     @staticmethod

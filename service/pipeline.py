@@ -109,18 +109,15 @@ class RecallQuery:
         Ids are stringified (7 and "7" are the same id everywhere on the wire), exclusions sorted
         and de-duplicated, features sorted by name.
         """
-        feats = None
-        if self.features is not None:
-            feats = sorted((k, list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.features.items())
-        doc = [
-            self.user_id,
-            None if self.history is None else [str(h) for h in self.history],
-            feats,
-            self.k,
-            bool(self.exclude_seen),
-            sorted({str(x) for x in self.exclude_ids}) if self.exclude_ids else [],
-        ]
-        return json.dumps(doc, separators=(",", ":")).encode()
+        # fields joined by "|", each JSON-encoded (so no field can forge the separator); the common
+        # request (a user id and k) skips json.dumps of empty parts: this runs on every cached hit
+        parts = [json.dumps(self.user_id) if self.user_id is not None else "-",
+                 "-" if self.history is None else json.dumps([str(h) for h in self.history]),
+                 "-" if self.features is None else json.dumps(
+                     sorted((k, list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.features.items())),
+                 str(int(self.k)), "1" if self.exclude_seen else "0",
+                 json.dumps(sorted({str(x) for x in self.exclude_ids})) if self.exclude_ids else "-"]
+        return "|".join(parts).encode()
 
 
 @dataclass

@@ -4,7 +4,7 @@ The service treats Redis as an accelerator (cache) and a store of recent events,
 dependency of answering: when a call fails the breaker opens and, for ``retry_s`` (doubling up to
 ``retry_max_s`` while failures continue), every caller gets ``RedisUnavailable`` at once without
 touching the network. After that one caller probes; success closes the breaker. A background
-``watch`` loop also probes, so readiness turns back to "ready" without traffic.
+``watch`` loop also probes (every second), so readiness follows Redis without traffic.
 """
 
 from __future__ import annotations
@@ -115,11 +115,11 @@ class RedisGuard:
             return False
 
     async def watch(self, interval_s: float = 1.0) -> None:
-        """Probe while the breaker is open so recovery is noticed without traffic."""
+        """Probe every ``interval_s``: recovery is noticed without traffic, and so is a failure while
+        every request is answered from the in-process cache (which never touches Redis)."""
         while True:
             await asyncio.sleep(interval_s)
-            if self.client is not None and not self._up and not self._probing \
-                    and time.monotonic() >= self._open_until:
+            if self.client is not None and not self._probing and (self._up or time.monotonic() >= self._open_until):
                 await self.ping()
 
     async def close(self) -> None:

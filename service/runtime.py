@@ -45,7 +45,8 @@ class Runtime:
                                 on_change=lambda up: metrics.redis_up.set(1 if up else 0))
         metrics.redis_up.set(1 if client is not None else 0)
         self.cache = ResultCache(guard=self.guard, prefix=settings.redis_prefix, ttl_s=settings.cache_ttl_s,
-                                 metrics=metrics)
+                                 metrics=metrics, local_ttl_s=settings.local_cache_ttl_s,
+                                 local_max_bytes=settings.local_cache_max_bytes)
         self.events: EventStore = (RedisEventStore(self.guard, settings.redis_prefix, settings.events_cap,
                                                    settings.events_ttl_s)
                                    if client is not None else MemoryEventStore(settings.events_cap))
@@ -86,10 +87,34 @@ class Runtime:
             self._tasks.append(asyncio.create_task(self.bundles.poll(self.settings.reload_poll_s), name="bundle-poll"))
         if self.settings.redis_enabled:
             from service.bundles import notice_channel
+            from service.events import events_channel
+            from service.notices import Handler, listen
 
+            async def on_bundle(_: bytes) -> None:
+                await self.bundles.refresh()
+
+            def on_event(data: bytes) -> None:
+                self.cache.user_changed(data.decode("utf-8", "replace"))
+
+            def on_state(up: bool) -> None:
+                self.cache.notices_connected(up)
+                loop = asyncio.get_running_loop()
+                if up:  # a publish may have happened while we were not subscribed
+                    loop.create_task(self._refresh_quietly())
+                else:  # probably Redis itself: find out now, so the cache stops answering at once
+                    loop.create_task(self.guard.ping())
+
+            handlers: dict[str, Handler] = {notice_channel(self.settings.redis_prefix): on_bundle,
+                        events_channel(self.settings.redis_prefix): on_event}
             self._tasks.append(asyncio.create_task(
-                self.bundles.listen(self.settings.redis_url, notice_channel(self.settings.redis_prefix)),
-                name="bundle-listen"))
+                listen(self.settings.redis_url, handlers, on_state=on_state, stopped=lambda: self.bundles.stopped),
+                name="notices"))
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.bundles.refresh()
+        except Exception:  # logged by the manager; the poller tries again
+            log.exception("bundle refresh after reconnect failed")
 
     async def stop(self) -> None:
         self.shutting_down = True
@@ -130,7 +155,7 @@ class Runtime:
             body = await self.runner.submit(r)
             return Computed(body, ev.seq if ev is not None else None, cacheable)
 
-        return await self.cache.get_or_compute(key, seq_key, local_seq, compute)
+        return await self.cache.get_or_compute(key, uid, seq_key, local_seq, compute)
 
     async def recall_many(self, qs: list[RecallQuery]) -> list[tuple[bytes, bool]]:
         b = self.bundle()  # one bundle for the whole batch request
@@ -156,7 +181,7 @@ class Runtime:
             body = await loop.run_in_executor(self.executor, compute_similar, b, parsed, k)
             return Computed(body, None)
 
-        return await self.cache.get_or_compute(key, None, None, compute)
+        return await self.cache.get_or_compute(key, None, None, None, compute)
 
     async def add_event(self, user_id: str, item_id: Any, ts: int | None) -> EventResult:
         warnings: list[str] = []
@@ -178,6 +203,8 @@ class Runtime:
             self.metrics.events.labels(result="unavailable").inc()
             raise EventsUnavailable(f"the event store (Redis) is unavailable, the event was NOT recorded: {exc}. "
                                     "Retry later.") from None
+        # before answering: the next recall of this user in this process must not come from memory
+        self.cache.user_changed(user_id)
         self.metrics.events.labels(result="stored").inc()
         return EventResult(user_id, out_id, n, warnings)
 

@@ -26,6 +26,10 @@ class Settings(BaseSettings):
     redis_prefix: str = Field(default="tt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     # result-cache TTL; 0 disables the result cache (events still go to Redis)
     cache_ttl_s: int = Field(default=300, ge=0)
+    # in-process copy of hot answers in front of Redis (seconds; 0 = off; see service/cache.py for
+    # the cross-process guarantee) and its memory bound
+    local_cache_ttl_s: float = Field(default=10.0, ge=0)
+    local_cache_max_bytes: int = Field(default=64 << 20, ge=0)
     # a Redis call that takes longer than this counts as a failure (keeps a hung Redis off the hot path)
     redis_timeout_s: float = Field(default=0.25, gt=0)
     # after a Redis failure, skip Redis for this long before trying again (circuit breaker);

@@ -23,7 +23,7 @@ def _guard(url: str, retry_s: float = 0.3) -> RedisGuard:
 def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_version(redis_url, redis_prefix, redis_client):
     async def main() -> None:
         g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
         calls = []
 
         async def compute() -> Computed:
@@ -32,11 +32,11 @@ def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_versio
 
         key = cache.key("v1", b"req")
         assert key.startswith(f"{redis_prefix}:v1:rec:v1:")
-        assert await cache.get_or_compute(key, None, None, compute) == (b'{"items":[]}', False)
-        assert await cache.get_or_compute(key, None, None, compute) == (b'{"items":[]}', True)
+        assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[]}', False)
+        assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[]}', True)
         assert len(calls) == 1
         # a new index version is a different key: the old entry is unreachable
-        assert (await cache.get_or_compute(cache.key("v2", b"req"), None, None, compute))[1] is False
+        assert (await cache.get_or_compute(cache.key("v2", b"req"), None, None, None, compute))[1] is False
         assert 0 < redis_client.ttl(key) <= 60
         await g.close()
 
@@ -58,11 +58,55 @@ def test_an_event_invalidates_that_users_cached_answer(redis_url, redis_prefix):
 
         key = cache.key("v1", b"u1")
         seq_key = events.seq_key("u1")
-        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":1,"h":0}', False)
-        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":1,"h":0}', True)
+        assert await cache.get_or_compute(key, "u1", seq_key, None, compute) == (b'{"n":1,"h":0}', False)
+        assert await cache.get_or_compute(key, "u1", seq_key, None, compute) == (b'{"n":1,"h":0}', True)
         await events.append("u1", "42")
-        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":2,"h":1}', False)
-        assert await cache.get_or_compute(key, seq_key, None, compute) == (b'{"n":2,"h":1}', True)
+        assert await cache.get_or_compute(key, "u1", seq_key, None, compute) == (b'{"n":2,"h":1}', False)
+        assert await cache.get_or_compute(key, "u1", seq_key, None, compute) == (b'{"n":2,"h":1}', True)
+        await g.close()
+
+    asyncio.run(main())
+
+
+def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redis_url, redis_prefix, redis_client):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=5)
+        n = 0
+
+        async def compute() -> Computed:
+            nonlocal n
+            n += 1
+            return Computed(str(n).encode(), 0)
+
+        anon, mine = cache.key("v1", b"anon"), cache.key("v1", b"u1")
+        seq_key = f"{redis_prefix}:v1:evseq:u1"
+        assert await cache.get_or_compute(anon, None, None, None, compute) == (b"1", False)
+        redis_client.delete(anon)  # gone from Redis, still answered from this process
+        assert await cache.get_or_compute(anon, None, None, None, compute) == (b"1", True)
+        # a named user's answer is kept in memory only while event notices are flowing
+        assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"2", False)
+        redis_client.delete(mine)
+        assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", False)
+        cache.notices_connected(True)
+        assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", True)
+        redis_client.delete(mine)
+        assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", True)
+        cache.user_changed("u1")
+        assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"4", False)
+
+        # a computation that read its input before an event must not land in memory after it
+        async def slow() -> Computed:
+            await asyncio.sleep(0.05)
+            return Computed(b"stale", 0)
+
+        other = cache.key("v1", b"u2")
+        task = asyncio.create_task(cache.get_or_compute(other, "u2", None, None, slow))
+        await asyncio.sleep(0.01)
+        cache.user_changed("u2")
+        assert (await task)[0] == b"stale"
+        redis_client.delete(other)
+        assert await cache.get_or_compute(other, "u2", None, None, compute) == (b"5", False)
         await g.close()
 
     asyncio.run(main())
@@ -81,7 +125,7 @@ def test_identical_concurrent_misses_are_computed_once(redis_url, redis_prefix):
             return Computed(b"{}", None)
 
         key = cache.key("v1", b"same")
-        res = await asyncio.gather(*(cache.get_or_compute(key, None, None, compute) for _ in range(20)))
+        res = await asyncio.gather(*(cache.get_or_compute(key, None, None, None, compute) for _ in range(20)))
         assert calls == 1
         assert all(body == b"{}" for body, _ in res)
         await g.close()
@@ -101,11 +145,11 @@ def test_dead_redis_costs_no_errors_and_little_time_then_recovers(private_redis)
         assert await g.ping()
         private_redis.stop()
         # first call notices the failure; the breaker then skips Redis without touching the network
-        assert await cache.get_or_compute("k", None, None, compute) == (b"{}", False)
+        assert await cache.get_or_compute("k", None, None, None, compute) == (b"{}", False)
         assert not g.up
         t0 = time.perf_counter()
         for _ in range(200):
-            assert await cache.get_or_compute("k", None, None, compute) == (b"{}", False)
+            assert await cache.get_or_compute("k", None, None, None, compute) == (b"{}", False)
         assert time.perf_counter() - t0 < 0.5
         with pytest.raises(RedisUnavailable):
             await events.append("u", "1")
@@ -116,8 +160,8 @@ def test_dead_redis_costs_no_errors_and_little_time_then_recovers(private_redis)
             await asyncio.sleep(0.05)
         watcher.cancel()
         assert g.up, "the breaker did not close after Redis came back"
-        await cache.get_or_compute("k", None, None, compute)
-        assert (await cache.get_or_compute("k", None, None, compute))[1] is True
+        await cache.get_or_compute("k", None, None, None, compute)
+        assert (await cache.get_or_compute("k", None, None, None, compute))[1] is True
         await g.close()
 
     asyncio.run(main())

@@ -137,12 +137,14 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(trained, fr
                                                                     tmp_path):
     srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log", TT_CACHE_TTL_S="0")
     # slow requests (a full batch each) so they are surely in flight when the signal lands
-    body = {"requests": [{"history": [u % 100 + 1, (u * 7) % 100 + 1], "k": 100} for u in range(256)]}
+    def body(j: int) -> dict:
+        return {"requests": [{"history": [(u + j) % 120 + 1, (u * 7 + j) % 120 + 1, j % 120 + 1], "k": 100,
+                              "exclude_ids": [j, u]} for u in range(256)]}
 
     async def scenario() -> tuple[list[int], BaseException | None]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-            inflight = [asyncio.create_task(client.post("/v1/recall/batch", json=body)) for _ in range(6)]
-            await asyncio.sleep(0.15)
+            inflight = [asyncio.create_task(client.post("/v1/recall/batch", json=body(j))) for j in range(6)]
+            await asyncio.sleep(0.1)
             assert not all(t.done() for t in inflight), "requests finished before the signal; make them slower"
             srv.proc.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
