@@ -244,7 +244,7 @@ def exact_searcher(vectors: np.ndarray, ids: np.ndarray) -> Searcher:
     and several times faster on a CPU than numpy's argpartition (ExactSearcher stays the test twin)."""
     if torch_cuda_available():
         return TorchExactSearcher(vectors, ids, device="cuda")
-    if len(vectors) <= 20_000:
+    if len(vectors) <= 5_000:
         return ExactSearcher(vectors, ids)
     return FaissSearcher.build(vectors, ids, "Flat", use_gpu=False)
 
@@ -315,6 +315,7 @@ def run(cfg: ReindexConfig) -> Manifest:
     artifacts = Path(cfg.artifacts)
     model_dir, model_version = resolve_model_dir(artifacts, cfg.model_version)
     model = load_checkpoint(model_dir / "model.pt")
+    t = lap("load_model", t0)
     if torch_cuda_available() and cfg.use_gpu is not False:
         for tower in (model.user_tower, model.item_tower):
             if tower is not None:
@@ -331,7 +332,7 @@ def run(cfg: ReindexConfig) -> Manifest:
     catalogue, n_extra = load_catalogue(model, base, items_path, cfg.items)
     if catalogue.empty:
         raise DataError("the catalogue has no items", path=items_path)
-    t = lap("load", t0)
+    t = lap("load_data", t)
 
     # ---- embed every item: ids the model never saw are embedded from content only (cold start)
     vectors = model.embed_items(catalogue, batch_size=cfg.batch_size)  # (N, D)
@@ -364,9 +365,9 @@ def run(cfg: ReindexConfig) -> Manifest:
     hist, seen = user_histories(interactions, model.encoder.history_len, id_is_int)
     queries, source = _eval_queries(model, users, hist, vectors, cfg)
     k = min(cfg.recall_k, len(catalogue))
-    if recipe.kind == "flat" and len(vectors) > 20_000:
+    if recipe.kind == "flat" and len(vectors) > 5_000:
         # the index is itself FAISS's exact flat search: a second exact pass would cost as much
-        # again and could only agree; small catalogues are still checked against numpy
+        # again and could only agree (small catalogues are still checked against numpy)
         truth = searcher.search(queries, k)[1]
     else:
         truth = exact_searcher(vectors, id_map.faiss_ids).search(queries, k)[1]
