@@ -193,15 +193,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
               dependencies=[Depends(require_admin)],
               responses={400: {"description": "the body is not decodable JSON"},
                          401: {"description": "missing or wrong token"}, 403: {"description": "admin disabled"},
-                         404: {"description": "no such bundle"}},
+                         404: {"description": "no such bundle"},
+                         409: {"description": "the bundle CURRENT names was rejected; the previous one is still served"}},
               summary="Load the current (or a named) bundle now")
     async def reload(rt: RuntimeDep, body: ReloadRequest | None = None) -> ReloadResponse:
         before = rt.bundles.current
         try:
             if body is not None and body.index_version:
                 await rt.bundles.load_version(body.index_version)
-            else:
-                await rt.bundles.refresh(force=True)
+            elif (not await rt.bundles.refresh(force=True) and rt.bundles.last_error
+                  and rt.bundles.current is not None):
+                # a 200 "changed: false" would hide that the published bundle was refused
+                raise HTTPException(409, f"{rt.bundles.last_error}; still serving {rt.bundles.current.index_version}")
         except NoBundle as exc:
             raise HTTPException(404, str(exc)) from None
         b = rt.bundles.current
