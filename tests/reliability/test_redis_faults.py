@@ -15,7 +15,11 @@ pytestmark = pytest.mark.slow
 
 
 def recall_mix(i: int) -> tuple[str, Req]:
-    # 40 distinct users so most requests repeat one that is cached (when the cache works)
+    # 40 distinct users so most requests repeat one that is cached (when the cache works), and a
+    # stream of never-seen users whose misses always reach Redis (so the server notices a fault
+    # even while the in-process cache answers the repeats)
+    if i % 10 == 5:
+        return "new-user", Req("POST", "/v1/recall", {"user_id": f"u-{i}", "k": 10})
     if i % 10 == 9:
         return "batch", Req("POST", "/v1/recall/batch",
                             {"requests": [{"user_id": (i + j) % 40 + 1, "k": 10} for j in range(3)]})
@@ -39,10 +43,11 @@ def test_redis_killed_hung_and_restarted_under_load(artifacts: Path, private_red
         t_start = time.monotonic()
         wait_until(lambda: _cached(_answers(load, t_start)) >= 30, 20, "cached answers before any fault")
 
-        # 1. crash: SIGKILL, no goodbye
+        # 1. crash: SIGKILL, no goodbye. Until the server notices (a Redis call fails), it may
+        # still answer from its in-process cache; from then on every answer is computed.
         private_redis.kill()
-        t_killed = time.monotonic()
         wait_until(lambda: srv.readyz()["redis"] == "down", 10, "readiness reporting redis down")
+        t_killed = time.monotonic()
         assert srv.readyz()["status"] == "degraded"
         n0 = load.sent
         wait_until(lambda: load.sent - n0 >= 100, 15, "load while redis is dead")
@@ -57,9 +62,10 @@ def test_redis_killed_hung_and_restarted_under_load(artifacts: Path, private_red
         # 3. hang: SIGSTOP keeps the sockets open but nothing answers; the 0.25 s timeout and the
         # breaker keep requests moving
         private_redis.pause()
-        t_paused = time.monotonic()
         n1 = load.sent
         try:
+            wait_until(lambda: srv.readyz()["redis"] == "down", 10, "readiness reporting a hung redis down")
+            t_paused = time.monotonic()
             wait_until(lambda: load.sent - n1 >= 100, 15, "load while redis hangs")
         finally:
             private_redis.resume()

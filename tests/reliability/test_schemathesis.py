@@ -35,7 +35,8 @@ def test_generated_requests_get_no_5xx_and_every_4xx_names_the_problem(shared_se
     stats = tmp_path / "statuses.json"
     env = dict(os.environ, SCHEMATHESIS_HOOKS="tests.reliability.st_hooks", PYTHONPATH=str(REPO_ROOT),
                TT_REL_ST_STATS=str(stats), NO_COLOR="1")
-    res = subprocess.run(schemathesis_command(shared_server.url, tmp_path), env=env, cwd=REPO_ROOT,
+    # cwd: schemathesis keeps a .schemathesis/ cache in its working directory, never in the checkout
+    res = subprocess.run(schemathesis_command(shared_server.url, tmp_path), env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=MAX_TIME_S + 120)
     reports = sorted(tmp_path.glob("*.json"))
     reports = [p for p in reports if p != stats]
