@@ -149,7 +149,7 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--logq-correction", type=_on_off, default=d.logq_correction, metavar="on|off",
                    help="subtract log sampling probability from the logits")
     g.add_argument("--mask-history-hits", action="store_true",
-                   help="also drop negatives that are in the user's training history")
+                   help="also drop negatives that are in the user's training history (always on for hard)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=_positive_int, default=d.epochs, help="maximum epochs")

@@ -42,10 +42,12 @@ class TrainConfig:
     negatives: str = "mixed"                # inbatch | uniform | popularity | mixed | hard | none
     loss: str = "softmax"                   # softmax | bpr | bce ("none" negatives -> positive-only)
     num_negatives: int = 256                # extra sampled items per batch (uniform/popularity/mixed/hard)
-    hard_negatives: int = 64                # hard: negatives kept per row
+    hard_negatives: int = 256               # hard: negatives kept per row (64 -> 0.35, 256 -> 0.49 on ML-100k)
     popularity_alpha: float = 0.75
     logq_correction: bool = True
-    mask_history_hits: bool = False         # also mask candidates from the user's training history
+    # also mask candidates from the user's training history. Always on for "hard": the highest-scoring
+    # non-positives are mostly the user's own past items, and pushing them down wrecks the model
+    mask_history_hits: bool = False
     # optimisation
     epochs: int = 4                         # with the cosine schedule: the length of the decay
     batch_size: int = 512

@@ -282,7 +282,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     sampler = make_sampler(cfg.negatives, n_items, counts, num_negatives=cfg.num_negatives,
                            alpha=cfg.popularity_alpha, hard_negatives=cfg.hard_negatives)
     hist_mask = (HistoryMask.build(ex.user_rows, ex.item_rows, encoder.n_user_rows, encoder.n_item_rows).to(device)
-                 if cfg.mask_history_hits and sampler.name != "none" else None)
+                 if (cfg.mask_history_hits or sampler.name == "hard") and sampler.name != "none" else None)
     loss_name = "positive" if cfg.negatives == "none" else cfg.loss
     # small catalogues: embedding every item once per step is cheaper than gathering candidates
     full_items = encoder.n_item_rows <= cfg.batch_size + sampler.num_extra
