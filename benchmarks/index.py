@@ -59,7 +59,7 @@ log = logging.getLogger("bench.index")
 # data
 
 
-def clustered(n: int, dim: int, n_clusters: int, seed: int, noise: float = 0.6) -> np.ndarray:
+def clustered(n: int, dim: int, n_clusters: int, seed: int, noise: float) -> np.ndarray:
     """(n, dim) unit vectors around ``n_clusters`` random centres, generated in chunks."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
@@ -92,14 +92,25 @@ class Row:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def time_single(s: Any, q: np.ndarray, k: int, n: int) -> tuple[float, float]:
-    for i in range(min(20, n)):  # warm caches and OpenMP threads
-        s.search(q[i:i + 1], k)
-    lat = []
-    for i in range(n):
-        t = time.perf_counter()
-        s.search(q[i:i + 1], k)
-        lat.append(time.perf_counter() - t)
+def time_single(s: Any, q: np.ndarray, k: int, n: int, threads: int) -> tuple[float, float]:
+    """Median and p99 ms of one-query searches, with ``threads`` FAISS threads.
+
+    FAISS splits work across queries, so one query runs on one thread anyway, but every call still
+    opens an OpenMP region whose barrier waits for the other thread: on a busy machine that is a
+    scheduler tick (~10 ms) per query. The service's single-query path should therefore run with
+    one FAISS thread (TT_FAISS_THREADS=1), which is what this measures by default.
+    """
+    previous = set_threads(threads)
+    try:
+        for i in range(min(20, n)):  # warm caches
+            s.search(q[i:i + 1], k)
+        lat = []
+        for i in range(n):
+            t = time.perf_counter()
+            s.search(q[i:i + 1], k)
+            lat.append(time.perf_counter() - t)
+    finally:
+        set_threads(previous)
     arr = np.array(lat) * 1e3
     return float(np.median(arr)), float(np.percentile(arr, 99))
 
@@ -126,12 +137,14 @@ RECIPES: dict[str, list[tuple[str, list[dict[str, int]]]]] = {
     "ivf": [("IVF1024,Flat", [{"nprobe": p} for p in (8, 16, 32, 64, 128)])],
     "ivfsq": [("IVF1024,SQ8", [{"nprobe": p} for p in (32, 64)])],
     # 4-bit fast-scan PQ: 8-bit PQ trains for minutes on 2 cores and scans slower than fast-scan
-    "ivfpq": [("IVF1024,PQ32x4fs", [{"nprobe": p} for p in (16, 32, 64)])],
+    "ivfpq": [("IVF1024,PQ32x4fs", [{"nprobe": p} for p in (16, 32, 64)]),
+              ("IVF1024,PQ32x4fs,RFlat", [{"nprobe": p, "k_factor": 4} for p in (16, 32)])],
     "hnsw": [("HNSW32", [{"ef_search": e} for e in (128, 256, 512)])],
 }
 
 
-def bench_search(x: np.ndarray, q: np.ndarray, k: int, recipes: list[str], n_single: int) -> list[Row]:
+def bench_search(x: np.ndarray, q: np.ndarray, k: int, recipes: list[str], n_single: int,
+                 single_threads: int) -> list[Row]:
     ids = np.arange(len(x), dtype=np.int64)
     rows: list[Row] = []
     truth = None
@@ -149,7 +162,7 @@ def bench_search(x: np.ndarray, q: np.ndarray, k: int, recipes: list[str], n_sin
                     if factory != "Flat":
                         raise SystemExit("the first recipe must be flat (it is the ground truth)")
                     truth = got
-                p50, p99 = time_single(s, q, k, n_single)
+                p50, p99 = time_single(s, q, k, n_single, single_threads)
                 knob = ", ".join(f"{'efSearch' if a == 'ef_search' else a}={b}" for a, b in knobs.items()) or "-"
                 r = recall_at_k(got, truth, k)
                 rows.append(Row(factory, knob, build, p50, p99, qps, r, size))
@@ -318,9 +331,11 @@ def render(args: argparse.Namespace, rows: list[Row], reindex: dict[str, Any] | 
             "",
             f"### Search: {args.n:,} items x {args.dim} dims, {args.queries} queries, recall@{args.k} vs exact",
             "",
-            f"Vectors: clustered random unit vectors ({args.clusters} centres), queries drawn around the same "
+            f"Vectors: clustered random unit vectors ({args.clusters} random centres, noise of norm {args.noise} "
+            "around each, so a cluster spans ~10 IVF lists and nprobe matters), queries drawn around the same "
             f"centres. Single-query latency is one `FaissSearcher.search` call per query ({args.single} queries; "
-            "median and p99); QPS is all queries in one batched call. Ratios are against Flat in this run.",
+            f"median and p99) with {args.single_threads} FAISS thread(s); batched QPS is all queries in one call "
+            f"with {env['threads']} threads. Ratios are against Flat in this run.",
             "",
             "| recipe | params | build s | index MB | 1-query p50 ms | p99 ms | batched QPS | recall@100 "
             "| p50 speedup vs Flat | QPS vs Flat |",
@@ -375,9 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--single", type=int, default=300, help="queries timed one at a time")
     p.add_argument("--k", type=int, default=100)
-    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--clusters", type=int, default=100)
+    p.add_argument("--noise", type=float, default=1.5,
+                   help="norm of the noise around a centre (1.5: clusters that overlap IVF lists)")
     p.add_argument("--recipes", default="flat,ivf,ivfsq,ivfpq,hnsw")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="FAISS threads for builds and batches (default: all)")
+    p.add_argument("--single-threads", type=int, default=1, help="FAISS threads for the one-query timings")
     p.add_argument("--skip-reindex", action="store_true")
     p.add_argument("--skip-search", action="store_true", help="only the reindex part")
     p.add_argument("--reindex-n", type=int, default=None, help="catalogue size of the reindex run (default --n)")
@@ -399,9 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     gpu = None
     if not args.skip_search:
-        x = clustered(args.n, args.dim, args.clusters, args.seed)
+        x = clustered(args.n, args.dim, args.clusters, args.seed, args.noise)
         q = _fresh_queries(args, args.seed)  # same centres as the catalogue, new points
-        rows = bench_search(x, q, args.k, recipes, args.single)
+        rows = bench_search(x, q, args.k, recipes, args.single, args.single_threads)
         gpu = bench_gpu(x, q, args.k)
         del x
         gc.collect()
@@ -425,7 +443,7 @@ def _fresh_queries(args: argparse.Namespace, seed: int) -> np.ndarray:
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     qrng = np.random.default_rng(seed + 1)
     x = centres[qrng.integers(0, args.clusters, args.queries)]
-    x = x + 0.6 * qrng.standard_normal((args.queries, args.dim)).astype(np.float32) / np.sqrt(args.dim)
+    x = x + args.noise * qrng.standard_normal((args.queries, args.dim)).astype(np.float32) / np.sqrt(args.dim)
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 

@@ -369,8 +369,10 @@ def run(cfg: ReindexConfig) -> Manifest:
         # the index is itself FAISS's exact flat search: a second exact pass would cost as much
         # again and could only agree (small catalogues are still checked against numpy)
         truth = searcher.search(queries, k)[1]
+        reference = "the flat index itself (exact)"
     else:
         truth = exact_searcher(vectors, id_map.faiss_ids).search(queries, k)[1]
+        reference = "exact search"
     report = measure_recall(searcher, truth, queries, k, cfg.recall_floor,
                             tune_nprobe=cfg.nprobe is None, tune_ef=cfg.ef_search is None)
     t = lap("recall_gate", t)
@@ -387,6 +389,7 @@ def run(cfg: ReindexConfig) -> Manifest:
     staged = staging_dir(artifacts, version)
     extra = {"threads": threads, "faiss_gpus": faiss_gpus(), "n_extra_items": n_extra,
              "items_path": str(cfg.items) if cfg.items else None, "eval_queries": source,
+             "recall_reference": reference,
              "recall_tried": report.tried, **cfg.extra}
     try:
         manifest = write_bundle(

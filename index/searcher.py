@@ -259,15 +259,18 @@ class Recipe:
     factory: str = "Flat"
     nprobe: int | None = None  # IVF: lists visited per query
     ef_search: int | None = None  # HNSW: candidate list size (must be >= k for full recall)
+    k_factor: int | None = None  # RFlat/Refine: candidates re-ranked exactly = k_factor * k
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Recipe:
-        return Recipe(factory=str(d.get("factory", "Flat")),
-                      nprobe=None if d.get("nprobe") is None else int(d["nprobe"]),
-                      ef_search=None if d.get("ef_search") is None else int(d["ef_search"]))
+        def opt(name: str) -> int | None:
+            return None if d.get(name) is None else int(d[name])
+
+        return Recipe(factory=str(d.get("factory", "Flat")), nprobe=opt("nprobe"), ef_search=opt("ef_search"),
+                      k_factor=opt("k_factor"))
 
     @property
     def kind(self) -> Literal["flat", "ivf", "hnsw", "other"]:
@@ -326,7 +329,7 @@ class FaissSearcher:
         self.recipe = recipe
         self._cpu_index = index
         self.dim = int(index.d)
-        self.apply_params(recipe.nprobe, recipe.ef_search)
+        self.apply_params(recipe.nprobe, recipe.ef_search, recipe.k_factor)
         want_gpu = faiss_gpus() > 0 if use_gpu is None else use_gpu
         self.on_gpu = False
         self._index = index
@@ -351,7 +354,7 @@ class FaissSearcher:
         except RuntimeError as exc:
             raise SearchError(f"invalid FAISS factory string {recipe.factory!r}: {_faiss_msg(exc)}") from exc
         if not _is_ivf(index) and not isinstance(index, faiss.IndexIDMap):
-            index = faiss.IndexIDMap(index)
+            index = faiss.IndexIDMap(index)  # Flat, HNSW, SQ, PQ store no ids of their own
         if not index.is_trained:
             # k-means cost grows with sample x lists; ~64 points per list is enough for good
             # centroids (FAISS warns below 39) and keeps training at 1M items to seconds.
@@ -368,7 +371,14 @@ class FaissSearcher:
             except RuntimeError as exc:
                 raise SearchError(f"cannot train {recipe.factory!r} on {len(sample)} vectors: "
                                   f"{_faiss_msg(exc)}") from exc
-        index.add_with_ids(vecs, ids)
+        try:
+            index.add_with_ids(vecs, ids)
+        except RuntimeError as exc:
+            # wrappers around an IVF index (e.g. a refine stage) may not take ids themselves
+            if "not implemented" not in str(exc) or index.ntotal:
+                raise SearchError(f"cannot add vectors to {recipe.factory!r}: {_faiss_msg(exc)}") from exc
+            index = faiss.IndexIDMap(index)
+            index.add_with_ids(vecs, ids)
         return cls(index, recipe, use_gpu=use_gpu)
 
     @classmethod
@@ -388,8 +398,9 @@ class FaissSearcher:
         faiss.write_index(self._cpu_index, str(path))
 
     # -- search ------------------------------------------------------------------------------
-    def apply_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Set search-time knobs; unknown ones for this index type are ignored."""
+    def apply_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                     k_factor: int | None = None) -> None:
+        """Set search-time knobs; those that do not apply to this index type are ignored."""
         import faiss
 
         ps = faiss.ParameterSpace()
@@ -398,11 +409,15 @@ class FaissSearcher:
             if ivf is not None:
                 ivf.nprobe = int(max(1, min(nprobe, ivf.nlist)))
                 nprobe = int(ivf.nprobe)
-        if ef_search is not None and "HNSW" in self.recipe.factory.upper():
+        factory = self.recipe.factory.upper()
+        if ef_search is not None and "HNSW" in factory:
             ps.set_index_parameter(self._cpu_index, "efSearch", int(ef_search))
-        self.recipe = Recipe(self.recipe.factory,
-                             nprobe if nprobe is not None else self.recipe.nprobe,
-                             ef_search if ef_search is not None else self.recipe.ef_search)
+        if k_factor is not None and ("RFLAT" in factory or "REFINE" in factory):
+            ps.set_index_parameter(self._cpu_index, "k_factor_rf", int(k_factor))
+        r = self.recipe
+        self.recipe = Recipe(r.factory, nprobe if nprobe is not None else r.nprobe,
+                             ef_search if ef_search is not None else r.ef_search,
+                             k_factor if k_factor is not None else r.k_factor)
         gpu_index = getattr(self, "_index", None)
         if gpu_index is not None and gpu_index is not self._cpu_index and nprobe is not None:
             try:

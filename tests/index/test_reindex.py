@@ -156,3 +156,24 @@ def test_cli_list_and_rollback(artifacts, capsys) -> None:
     assert rc == 0 and first in out and B.current_version(artifacts) == first
     rc, _, err = _cli(capsys, "reindex", "--artifacts", str(artifacts), "--rollback", "--redis-url", "")
     assert rc == 2 and "no bundle older than" in err
+
+
+def test_new_items_from_parquet_with_list_features(artifacts, tmp_path) -> None:
+    import pandas as pd
+
+    new = pd.DataFrame({"genre": ["drama"], "tags": [["drama-tag", "bw"]], "year": [1999.0]},
+                       index=pd.Index([9001], name="item_id"))
+    path = tmp_path / "new.parquet"
+    new.to_parquet(path)
+    m = run(ReindexConfig(artifacts=artifacts, items=path))
+    assert m.n_items == 201 and m.n_cold_items == 1
+    b = B.load_bundle(B.current_bundle_dir(artifacts))
+    ids, _ = b.similar_items(9001, 10)
+    cat = tiny_catalogue(**TINY).items
+    assert sum(cat.loc[i, "genre"] == "drama" for i in ids) >= 7
+
+
+def test_a_missing_items_file_is_a_clear_error(artifacts, tmp_path, capsys) -> None:
+    rc, _, err = _cli(capsys, "reindex", "--artifacts", str(artifacts), "--items", str(tmp_path / "nope.csv"),
+                      "--redis-url", "")
+    assert rc == 2 and "nope.csv: file not found" in err and B.current_version(artifacts) is None

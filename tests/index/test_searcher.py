@@ -62,6 +62,7 @@ def test_flat_and_torch_are_exact(data, exact) -> None:
     (Recipe("HNSW32", ef_search=128), 0.95),
     (Recipe("IVF64,SQ8", nprobe=16), 0.9),
     (Recipe("IVF64,PQ8x4", nprobe=16), 0.3),  # 4-byte codes of 32 dims: lossy by design
+    (Recipe("IVF64,PQ8x4,RFlat", nprobe=16, k_factor=8), 0.95),  # ...and re-ranked exactly
 ])
 def test_approximate_indexes_find_most_true_neighbours(data, exact, recipe: Recipe, floor: float) -> None:
     x, ids, q = data
