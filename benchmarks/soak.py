@@ -85,6 +85,7 @@ def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float 
     growth = (rss_end - rss_start) / rss_start
     return {
         **s,
+        "failures": [f"{o.kind}: {o.status or ''} {o.error or o.body_4xx or ''}"[:300] for o in load.outcomes[:10]],
         "warmup_requests": warm.sent,
         "warmup_errors": warm.errors(),
         "rss_start_kib": rss_start,

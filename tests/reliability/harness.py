@@ -238,7 +238,8 @@ class Load:
     ``max_requests`` were sent, ``max_seconds`` passed, or ``stop()`` is called.
 
     ``make(i)`` returns (kind, Req). Answers are reduced to what tests check (status, versions,
-    cached), so a long soak does not hold every body in memory.
+    cached), so a long soak does not hold every body in memory; with ``keep=False`` only failures
+    (the first 1000) are kept.
     """
 
     def __init__(self, base_url: str, make: Callable[[int], tuple[str, Req]], *, concurrency: int = 8,
@@ -355,13 +356,14 @@ class Load:
             t1 = time.monotonic()
             name = type(exc).__name__
             self.counts[name] += 1
-            if self.keep:
-                self.outcomes.append(Outcome(kind, t0, t1, None, error=f"{name}: {exc}"))
+            # failures are kept even when answers are not (they are what a report needs)
+            if self.keep or len(self.outcomes) < 1000:
+                self.outcomes.append(Outcome(kind, t0, t1, None, error=f"{name}: {exc!r} after {t1 - t0:.3f}s"))
             return
         t1 = time.monotonic()
         self.latencies.append(t1 - t0)
         self.counts[str(r.status_code)] += 1
-        if not self.keep:
+        if not self.keep and (r.status_code == 200 or len(self.outcomes) >= 1000):
             return
         out = Outcome(kind, t0, t1, r.status_code)
         if r.status_code == 200:
