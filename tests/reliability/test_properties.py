@@ -143,7 +143,7 @@ def _flip(x: Any) -> Any:
     """7 <-> "7": the same id on the wire."""
     if isinstance(x, int):
         return str(x)
-    if isinstance(x, str) and x.isdigit() and str(int(x)) == x:
+    if isinstance(x, str) and x.isascii() and x.isdigit() and str(int(x)) == x:
         return int(x)
     return x
 
