@@ -49,6 +49,10 @@ TORCH_VERSION = "2.13.0"
 SAMPLERS = ("uniform", "popularity", "inbatch", "mixed", "hard")
 OUR_MODELS = tuple(f"{m}-{s}" for m in ("youtubednn", "dssm") for s in SAMPLERS)
 ALL_MODELS = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn") + OUR_MODELS
+# not a model: the folding diagnostic on synthetic data with known clusters (two more trainings)
+FOLDING = "folding"
+FOLDING_DATA = "synthetic"
+FOLDING_OPTIONS = {"size": "small"}
 KS = (10, 50, 100)
 RECHUB_EXAMPLES = "https://github.com/datawhalechina/torch-rechub/tree/main/examples/matching"
 
@@ -62,6 +66,7 @@ class QualityConfig:
     venv: Path = REPO / ".bench" / "rechub-venv"
     rechub_num_workers: int | None = None    # None = the examples' DataLoader default (8)
     rechub_epochs: int | None = None         # None = the examples' 10 epochs
+    rechub_threads: int | None = None        # None = the same policy as our training (idle cores)
     our_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for ours
     out_md: Path = REPO / "benchmarks" / "results" / "quality.md"
     out_json: Path = REPO / ".bench" / "quality.json"
@@ -157,6 +162,9 @@ def run_rechub(cfg: QualityConfig, data: Any, split: Any, ev: EvalSet, names: li
             cmd += ["--num-workers", str(cfg.rechub_num_workers)]
         if cfg.rechub_epochs is not None:
             cmd += ["--epochs", str(cfg.rechub_epochs)]
+        threads = cfg.rechub_threads if cfg.rechub_threads is not None else _same_threads_as_ours()
+        if threads is not None:
+            cmd += ["--threads", str(threads)]
         log.info("running torch-rechub (%s); log: %s", ", ".join(models), log_path)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
         with open(log_path, "w") as fh:
@@ -172,10 +180,21 @@ def run_rechub(cfg: QualityConfig, data: Any, split: Any, ev: EvalSet, names: li
                 raise RuntimeError(f"torch-rechub {m}: exported ids do not line up with the evaluation set")
             metrics = evaluate_scores((z["user_emb"], z["item_emb"]), ev, ks=KS)
             note = (f"prep {meta['prep_s']:.1f}s + fit {meta['fit_s']:.1f}s; {meta['epoch']} epochs, "
-                    f"batch {meta['batch_size']}, lr {meta['learning_rate']:g}, DataLoader workers {meta['num_workers']}")
-            rows.append(Row(f"rechub-{m}", metrics, float(meta["train_s"]), note, meta,
+                    f"batch {meta['batch_size']}, lr {meta['learning_rate']:g}, DataLoader workers {meta['num_workers']}, "
+                    f"torch threads {meta['threads']}")
+            rows.append(Row(f"rechub-{m}", metrics, float(meta["train_s"]), note, extra=meta,
                             cpu_s=meta.get("train_cpu_s")))
     return rows
+
+
+def _same_threads_as_ours() -> int | None:
+    """The torch thread count our training job would pick now (the idle cores): both sides then run
+    under the same policy; the thread count changes speed only, never results."""
+    try:
+        from training.train import idle_cores
+    except ImportError:
+        return None
+    return int(idle_cores())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,15 +216,51 @@ def run_ours(cfg: QualityConfig, data: Any, split: Any, ev: EvalSet, names: list
         tc = TrainConfig(data=cfg.data, artifacts=str(workdir / name), model=model, negatives=sampler,
                          seed=cfg.seed, quiet=True, **cfg.our_overrides)
         c0, t0 = cpu_seconds(), time.perf_counter()
-        res = train_run(tc)
+        try:
+            res = train_run(tc)
+        except Exception as exc:  # one broken configuration must not sink the whole comparison
+            log.exception("%s failed", name)
+            rows.append(Row(name, {}, None, f"failed: {type(exc).__name__}: {exc}"))
+            continue
         train_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
         m = load_checkpoint(res.model_path)
         metrics = evaluate_model(m, data, split, which="test", ks=KS, ev=ev)
         epochs = res.metrics.get("best_epoch") if isinstance(res.metrics, dict) else None
         rows.append(Row(name, metrics, train_s, f"best epoch {epochs}" if epochs is not None else "",
-                        {"train_config": tc.to_dict()}, cpu_s=cpu_s))
+                        extra={"train_config": tc.to_dict()}, cpu_s=cpu_s))
         log.info("%s: masked HR@50 %.4f in %.1fs", name, metrics["masked"]["HR@50"], train_s)
     return rows
+
+
+def run_folding(cfg: QualityConfig, workdir: Path) -> list[dict[str, Any]]:
+    """Share of top-50 items from clusters the user never touched: negatives vs positives only."""
+    try:
+        from training.train import TrainConfig
+        from training.train import run as train_run
+    except ImportError as exc:
+        log.warning("training.train is not available (%s); skipping the folding diagnostic", exc)
+        return []
+    from towers.checkpoint import load_checkpoint
+    from training.evaluate import folding_share
+
+    data = load_data(FOLDING_DATA, **FOLDING_OPTIONS)
+    split = split_leave_last_out(data)
+    ev = build_eval_set(data, split, "test")
+    out = []
+    for negatives in ("mixed", "inbatch", "none"):
+        tc = TrainConfig(data=FOLDING_DATA, data_options=dict(FOLDING_OPTIONS), artifacts=str(workdir / negatives),
+                         model="youtubednn", negatives=negatives, seed=cfg.seed, quiet=True)
+        res = train_run(tc)
+        model = load_checkpoint(res.model_path)
+        metrics = evaluate_model(model, data, split, which="test", ks=(50,), ev=ev)
+        out.append({"negatives": negatives, "folding@50": folding_share(model, data, split, k=50, ev=ev),
+                    "HR@50": metrics["masked"]["HR@50"]})
+        log.info("folding: youtubednn negatives=%s share %.3f HR@50 %.3f", negatives, out[-1]["folding@50"],
+                 out[-1]["HR@50"])
+    pop = popularity_scorer(split.train, ev)
+    out.append({"negatives": "(popularity baseline)", "folding@50": folding_share(pop, data, split, k=50, ev=ev),
+                "HR@50": evaluate_scores(pop, ev, ks=(50,))["masked"]["HR@50"]})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +271,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def render_markdown(rows: list[Row], cfg: QualityConfig, ev: EvalSet, env: dict[str, Any]) -> str:
+def render_markdown(rows: list[Row], cfg: QualityConfig, ev: EvalSet, env: dict[str, Any],
+                    folding: list[dict[str, Any]] | None = None) -> str:
     by = {r.name: r for r in rows}
     ease = by.get("ease")
     ease_hr = ease.metrics["masked"]["HR@50"] if ease and ease.metrics else None
@@ -270,6 +326,14 @@ def render_markdown(rows: list[Row], cfg: QualityConfig, ev: EvalSet, env: dict[
             verdict[0] += (f", {best.train_s / ref.train_s:.2f}x torch-rechub {ref.name.removeprefix('rechub-')}'s "
                            f"{ref.train_s:.1f}s")
         lines += ["## Target", ""] + verdict + [""]
+    if folding:
+        lines += ["## Folding diagnostic (synthetic data with known clusters)", "",
+                  f"`load_data(\"{FOLDING_DATA}\", size=\"{FOLDING_OPTIONS['size']}\")`, our YoutubeDNN with default "
+                  "settings but the negatives below. Folding share = mean over test users of the share of their "
+                  "seen-masked top-50 items whose cluster the user never touched in the train split "
+                  "(`training.evaluate.folding_share`); lower is better.", "",
+                  "| negatives | folding share@50 | HR@50 |", "|---|---|---|"]
+        lines += [f"| {f['negatives']} | {f['folding@50']:.3f} | {f['HR@50']:.3f} |" for f in folding] + [""]
     notes = [r for r in rows if r.notes]
     if notes:
         lines += ["## Notes per model", ""] + [f"- {r.name}: {r.notes}" for r in notes] + [""]
@@ -305,10 +369,10 @@ def render_markdown(rows: list[Row], cfg: QualityConfig, ev: EvalSet, env: dict[
 def run(cfg: QualityConfig, argv_text: str = "") -> list[Row]:
     t_all = time.perf_counter()
     load_start = list(os.getloadavg())
-    wanted = list(cfg.only) or list(ALL_MODELS)
-    unknown = [n for n in wanted if n not in ALL_MODELS]
+    wanted = list(cfg.only) or [*ALL_MODELS, FOLDING]
+    unknown = [n for n in wanted if n not in (*ALL_MODELS, FOLDING)]
     if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}")
+        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}, {FOLDING}")
     if cfg.skip_rechub:
         wanted = [n for n in wanted if not n.startswith("rechub-")]
     data = load_data(cfg.data)
@@ -316,15 +380,16 @@ def run(cfg: QualityConfig, argv_text: str = "") -> list[Row]:
     ev = build_eval_set(data, split, "test")
     rows: list[Row] = []
     if "popularity" in wanted:
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         scorer = popularity_scorer(split.train, ev)
-        count_s = time.perf_counter() - t0  # only the counting: evaluation is not training
-        rows.append(Row("popularity", evaluate_scores(scorer, ev, ks=KS), count_s))
+        count_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0  # only the counting, not the evaluation
+        rows.append(Row("popularity", evaluate_scores(scorer, ev, ks=KS), count_s, cpu_s=cpu_s))
     if "ease" in wanted:
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         B = fit_ease(split.train, ev.item_ids, lam=cfg.ease_lambda)
-        fit_s = time.perf_counter() - t0
-        rows.append(Row("ease", evaluate_scores(ease_scorer(B, ev), ev, ks=KS), fit_s, f"lambda {cfg.ease_lambda:g}"))
+        fit_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+        rows.append(Row("ease", evaluate_scores(ease_scorer(B, ev), ev, ks=KS), fit_s, f"lambda {cfg.ease_lambda:g}",
+                        cpu_s=cpu_s))
     rechub = [n for n in wanted if n.startswith("rechub-")]
     if rechub:
         rows += run_rechub(cfg, data, split, ev, rechub)
@@ -332,6 +397,10 @@ def run(cfg: QualityConfig, argv_text: str = "") -> list[Row]:
     if ours:
         with tempfile.TemporaryDirectory(prefix="quality-ours-") as tmp:
             rows += run_ours(cfg, data, split, ev, ours, Path(tmp))
+    folding: list[dict[str, Any]] = []
+    if FOLDING in wanted:
+        with tempfile.TemporaryDirectory(prefix="quality-folding-") as tmp:
+            folding = run_folding(cfg, Path(tmp))
     for r in rows:
         if r.metrics:
             log.info("%-22s masked HR@50 %.4f  raw HR@50 %.4f  train %ss", r.name, r.metrics["masked"]["HR@50"],
@@ -346,18 +415,20 @@ def run(cfg: QualityConfig, argv_text: str = "") -> list[Row]:
            "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())}
     if cfg.out_md:
         cfg.out_md.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out_md.write_text(render_markdown(rows, cfg, ev, env))
+        cfg.out_md.write_text(render_markdown(rows, cfg, ev, env, folding))
         log.info("wrote %s", cfg.out_md)
     if cfg.out_json:
         cfg.out_json.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out_json.write_text(json.dumps({"env": env, "rows": [r.__dict__ for r in rows]}, indent=2, default=str))
+        cfg.out_json.write_text(json.dumps({"env": env, "rows": [r.__dict__ for r in rows], "folding": folding},
+                                           indent=2, default=str))
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help="data spec (default: movielens:../shared/data/ml-100k)")
-    ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ALL_MODELS)}")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ALL_MODELS)}, {FOLDING} "
+                                               "(default: all)")
     ap.add_argument("--skip-rechub", action="store_true", help="do not build/run the torch-rechub virtualenv")
     ap.add_argument("--ease-lambda", type=float, default=DEFAULT_EASE_LAMBDA)
     ap.add_argument("--rechub-num-workers", type=int, default=None,
