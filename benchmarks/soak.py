@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python benchmarks/soak.py` puts benchmarks/ first, not the repo
     sys.path.insert(0, str(REPO))
 
-from tests.reliability.harness import Load, RedisProc, Req, ServerProc, rss_kib  # noqa: E402
+from tests.reliability.harness import Load, RedisProc, Req, ServerProc, cpu_seconds, rss_kib  # noqa: E402
 
 N_USERS, N_ITEMS = 200, 120  # the "tiny" synthetic preset
 
@@ -74,6 +74,7 @@ def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float 
     make = request_mix(seed)
     warm = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=warmup, keep=False).run()
     rss_start = rss_kib(pid)
+    cpu_start = cpu_seconds(pid)
     samples: list[int] = []
     load = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=seconds, keep=False).start()
     while load.running:  # sample memory while the load runs
@@ -81,6 +82,7 @@ def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float 
         time.sleep(0.5)
     load.join()
     rss_end = rss_kib(pid)
+    cpu = cpu_seconds(pid) - cpu_start
     s = load.summary()
     growth = (rss_end - rss_start) / rss_start
     return {
@@ -92,6 +94,10 @@ def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float 
         "rss_end_kib": rss_end,
         "rss_max_kib": max(samples + [rss_end]),
         "rss_growth_pct": round(100.0 * growth, 2),
+        # on a shared machine latency says more about the neighbours than about the server; the
+        # server's own CPU time per request does not
+        "server_cpu_s": round(cpu, 2),
+        "server_cpu_ms_per_request": round(1000.0 * cpu / max(1, s["requests"]), 3),
     }
 
 
