@@ -36,6 +36,7 @@ redis_answers() {
 
 started_pid=""
 workdir=""
+# shellcheck disable=SC2317  # called through the EXIT trap
 cleanup() {
     if [[ -n $started_pid ]]; then
         kill "$started_pid" 2>/dev/null || true
