@@ -185,6 +185,7 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
         raise BundleError(f"popular items not in the catalogue: {unknown[:5]}")
     out.mkdir(parents=True, exist_ok=False)
 
+    # a copy, not a hard link: a link would let an in-place edit of either file change the other
     shutil.copyfile(model_path, out / MODEL)
     searcher.save(out / INDEX)
     id_map.save(out / ITEM_IDS)
@@ -302,20 +303,38 @@ def validate_bundle(bundle_dir: str | Path, *, verify_checksums: bool = True, ch
         raise BundleError(f"{d / POPULAR}: items not in the catalogue: {missing[:5]}")
 
     if check_model:
-        from towers.checkpoint import CheckpointError, load_checkpoint
-
-        try:
-            model = load_checkpoint(d / MODEL, parts=())
-        except CheckpointError as exc:
-            raise BundleError(str(exc)) from exc
-        if model.config.dim != m.dim:
-            raise BundleError(f"{d / MODEL}: model outputs dim {model.config.dim}, index dim is {m.dim}")
+        dim = _checkpoint_dim(d / MODEL)
+        if dim != m.dim:
+            raise BundleError(f"{d / MODEL}: model outputs dim {dim}, index dim is {m.dim}")
     for name in (USERS, USER_ITEMS):
         try:
             pd.read_parquet(d / name, columns=[] if name == USERS else ["user_id"])
         except Exception as exc:  # pyarrow raises many types for a corrupt file
             raise BundleError(f"{d / name}: unreadable parquet ({exc})") from exc
     return m
+
+
+def _checkpoint_dim(path: Path) -> int:
+    """Output dimension recorded in a checkpoint, read without loading its weights.
+
+    ``mmap=True`` maps the tensors instead of reading them, so checking a 1M-item model (hundreds
+    of MB of embedding tables) costs milliseconds; weights_only keeps it from running code.
+    """
+    import torch
+
+    from towers.checkpoint import FORMAT as CKPT_FORMAT
+    from towers.model import TowerConfig
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # truncated zip, not a torch file, pickled code...
+        raise BundleError(f"{path}: not a loadable checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CKPT_FORMAT:
+        raise BundleError(f"{path}: not a {CKPT_FORMAT} file")
+    try:
+        return int(TowerConfig.from_dict(payload["config"]).dim)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: checkpoint config unreadable ({exc})") from exc
 
 
 def _load_vectors(path: Path, mmap: bool = True) -> np.ndarray:

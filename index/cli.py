@@ -80,6 +80,17 @@ def register(subparsers: Any) -> None:
 
 
 def handle(args: argparse.Namespace) -> int:
+    try:
+        return _handle(args)
+    except ValueError as exc:
+        # the dispatcher prints one line; a FAISS or torch message can span several
+        msg = str(exc)
+        if "\n" in msg:
+            raise ValueError(" ".join(msg.split())) from exc
+        raise
+
+
+def _handle(args: argparse.Namespace) -> int:
     from index import bundle as B
 
     if args.list:
