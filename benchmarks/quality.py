@@ -52,7 +52,7 @@ ALL_MODELS = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn") + OUR_MO
 # not a model: the folding diagnostic on synthetic data with known clusters (two more trainings)
 FOLDING = "folding"
 FOLDING_DATA = "synthetic"
-FOLDING_OPTIONS = {"size": "small"}
+FOLDING_OPTIONS: dict[str, Any] = {"size": "small"}
 KS = (10, 50, 100)
 RECHUB_EXAMPLES = "https://github.com/datawhalechina/torch-rechub/tree/main/examples/matching"
 
@@ -319,11 +319,12 @@ def render_markdown(rows: list[Row], cfg: QualityConfig, ev: EvalSet, env: dict[
         best = max(ours, key=lambda r: r.metrics["masked"]["HR@50"])
         ref = by.get(f"rechub-{best.name.split('-', 1)[0]}")
         hr = best.metrics["masked"]["HR@50"]
+        best_s = float(best.train_s or 0.0)
         verdict = [f"- Best of ours: **{best.name}**, masked HR@50 {hr:.3f} vs EASE {ease_hr:.3f} "
-                   f"({'meets' if hr >= ease_hr else 'below'} the EASE target), trained in {best.train_s:.1f}s "
-                   f"({'under' if best.train_s < 60 else 'over'} the 60 s budget)"]
+                   f"({'meets' if hr >= ease_hr else 'below'} the EASE target), trained in {best_s:.1f}s "
+                   f"({'under' if best_s < 60 else 'over'} the 60 s budget)"]
         if ref and ref.train_s:
-            verdict[0] += (f", {best.train_s / ref.train_s:.2f}x torch-rechub {ref.name.removeprefix('rechub-')}'s "
+            verdict[0] += (f", {best_s / ref.train_s:.2f}x torch-rechub {ref.name.removeprefix('rechub-')}'s "
                            f"{ref.train_s:.1f}s")
         lines += ["## Target", ""] + verdict + [""]
     if folding:

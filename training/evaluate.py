@@ -420,17 +420,18 @@ def folding_share(model_or_scores: Any, data: RecData, split: Split, k: int = 50
 
 
 def format_table(rows: dict[str, dict[str, Any]], ks: Sequence[int] = DEFAULT_KS) -> str:
-    """Plain-text table: one row per model, HR/NDCG per K (masked, then raw) and MRR."""
-    cols = [f"HR@{k}" for k in ks] + [f"NDCG@{k}" for k in ks] + ["MRR"]
-    header = ["model"] + [f"{c} masked" for c in cols] + [f"{c} raw" for c in cols]
-    lines = [header]
-    for name, res in rows.items():
-        line = [name]
-        for side in ("masked", "raw"):
-            line += [f"{res[side][c]:.4f}" if side in res else "-" for c in cols]
-        lines.append(line)
-    widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in lines)
+    """Plain-text table, one column per model and one line per metric (masked first, then raw)."""
+    metrics = [f"{m}@{k}" for m in ("HR", "Recall", "NDCG") for k in ks] + ["MRR"]
+    names = list(rows)
+    lines = [["metric", *names]]
+    for side in ("masked", "raw"):
+        if not any(side in res for res in rows.values()):
+            continue
+        for metric in metrics:
+            lines.append([f"{metric} {side}"] + [f"{res[side][metric]:.4f}" if side in res else "-"
+                                                 for res in rows.values()])
+    widths = [max(len(r[i]) for r in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in lines)
 
 
 def register_eval(subparsers: Any) -> argparse.ArgumentParser:

@@ -75,7 +75,9 @@ def test_metrics_match_hand_computed_values(tiny):
     assert masked["MRR"] == pytest.approx((1.0 + 1 / 3) / 2)
     assert r["n_users"] == 2 and r["n_items"] == 5 and r["mrr"] == "full-rank"
     table = format_table({"m": r}, ks=(1, 3))
-    assert "HR@3 masked" in table and "0.5000" in table
+    assert table.splitlines()[0].split() == ["metric", "m"]
+    cells = {" ".join(line.split()[:2]): line.split()[2] for line in table.splitlines()[1:]}
+    assert cells["HR@3 masked"] == "1.0000" and cells["MRR raw"] == f"{(1 / 3 + 1 / 5) / 2:.4f}"
 
 
 def test_valid_side_masks_train_only(tiny):
@@ -260,7 +262,7 @@ def test_eval_command_prints_table_and_writes_eval_json(tmp_path, capsys):
     mdir, model = _saved_model(tmp_path, data)
     assert _eval_cli(["eval", "--artifacts", str(tmp_path), "--ks", "5,10"]) == 0
     out = capsys.readouterr().out
-    assert "popularity" in out and "HR@5 masked" in out
+    assert "popularity" in out and "HR@5 masked" in out and "Recall@10 raw" in out
     saved = json.loads((mdir / "eval.json").read_text())
     assert saved["model_version"] == mdir.name and saved["split"] == "test"
     assert set(saved) >= {"model", "popularity"}
