@@ -8,6 +8,7 @@ own ``Settings`` from the environment.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 
@@ -43,5 +44,5 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_config=None, access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=settings.graceful_timeout_s, lifespan="on")
+                timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on")
     return 0

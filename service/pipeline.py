@@ -237,17 +237,25 @@ def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) ->
 def render(ids: Sequence[ItemId], scores: Sequence[float], bundle: ServingBundle,
            fallback: bool = False, warnings: Sequence[str] = ()) -> bytes:
     """The JSON answer without "cached"; ``with_cached`` splices that in, so a cached body is reused
-    byte for byte."""
-    doc: dict[str, Any] = {
-        "items": [{"item_id": i, "score": s} for i, s in zip(ids, scores, strict=True)],
-        "model_version": bundle.model_version,
-        "index_version": bundle.index_version,
-    }
+    byte for byte.
+
+    The item list is formatted by hand: json.dumps of 100 small dicts took ~0.25 ms, a third of a
+    batch's non-search work. Integer ids and finite floats need no escaping; string ids go through
+    json.dumps. Scores are finite (padding rows are filtered before), which allow_nan=False checks
+    for the rest of the document.
+    """
+    if ids and isinstance(ids[0], str):
+        pairs = zip((json.dumps(i) for i in ids), scores, strict=True)
+    else:
+        pairs = zip(ids, scores, strict=True)  # type: ignore[arg-type]
+    items = ",".join([f'{{"item_id":{i},"score":{s!r}}}' for i, s in pairs])
+    tail: dict[str, Any] = {"model_version": bundle.model_version, "index_version": bundle.index_version}
     if fallback:
-        doc["fallback"] = "popular"
+        tail["fallback"] = "popular"
     if warnings:
-        doc["warnings"] = list(warnings)
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+        tail["warnings"] = list(warnings)
+    rest = json.dumps(tail, separators=(",", ":"), allow_nan=False)
+    return f'{{"items":[{items}],{rest[1:]}'.encode()
 
 
 def with_cached(body: bytes, cached: bool) -> bytes:
@@ -256,7 +264,21 @@ def with_cached(body: bytes, cached: bool) -> bytes:
 
 def _scores_list(scores: np.ndarray) -> list[float]:
     # 6 decimals: float32 carries ~7 significant digits, and shorter JSON is cheaper to send
-    return np.round(scores.astype(np.float64), 6).tolist()
+    out = np.round(scores.astype(np.float64), 6)
+    if not np.isfinite(out).all():
+        raise ValueError("non-finite score in an answer")
+    return out.tolist()
+
+
+def _not_excluded(fids: np.ndarray, exclude: np.ndarray) -> np.ndarray:
+    """Mask of ``fids`` not in ``exclude`` (sorted unique). A few exclusions: one comparison each
+    (np.isin sorts both arrays, ~50 us even for 5 ids); many: np.isin."""
+    if len(exclude) <= 16:
+        keep = np.ones(len(fids), dtype=bool)
+        for e in exclude.tolist():
+            keep &= fids != e
+        return keep
+    return ~np.isin(fids, exclude)
 
 
 def _popular(r: Resolved) -> bytes:
@@ -264,7 +286,7 @@ def _popular(r: Resolved) -> bytes:
     need = r.k + len(r.exclude)
     fids, scores = b.popular[:need], b.popular_scores[:need]
     if len(r.exclude):
-        keep = ~np.isin(fids, r.exclude, assume_unique=False)
+        keep = _not_excluded(fids, r.exclude)
         fids, scores = fids[keep], scores[keep]
     fids, scores = fids[: r.k], scores[: r.k]
     return render(b.id_map.to_items(fids), _scores_list(scores), b, fallback=True, warnings=r.warnings)
@@ -291,7 +313,7 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
             s, f = scores[j], fids[j]
             keep = f >= 0
             if len(r.exclude):
-                keep &= ~np.isin(f, r.exclude)
+                keep &= _not_excluded(f, r.exclude)
             s, f = s[keep][: r.k], f[keep][: r.k]
             out[i] = render(b.id_map.to_items(f), _scores_list(s), b, warnings=r.warnings)
     return [o if o is not None else b"" for o in out]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,7 +71,7 @@ class Settings(BaseSettings):
     access_log: bool = True
     workers: int = Field(default=1, ge=1)
     # seconds uvicorn waits for in-flight requests on SIGTERM
-    graceful_timeout_s: int = Field(default=10, ge=0)
+    graceful_timeout_s: float = Field(default=10.0, ge=0)
 
     @field_validator("log_level")
     @classmethod
@@ -80,6 +80,12 @@ class Settings(BaseSettings):
         if v not in ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"):
             raise ValueError(f"log level must be one of CRITICAL, ERROR, WARNING, INFO, DEBUG, not {v!r}")
         return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.default_k > self.max_k:
+            raise ValueError(f"TT_DEFAULT_K ({self.default_k}) is larger than TT_MAX_K ({self.max_k})")
+        return self
 
     @property
     def redis_enabled(self) -> bool:

@@ -191,7 +191,7 @@ def test_string_item_catalogue_answers_with_string_ids(tmp_path, redis_url, redi
 
 def test_ops_endpoints_metrics_request_id_and_openapi(artifacts, redis_url, redis_prefix):
     async def main() -> None:
-        async with running(settings_for(artifacts, redis_url, redis_prefix, max_k=50)) as c:
+        async with running(settings_for(artifacts, redis_url, redis_prefix, max_k=50, default_k=20)) as c:
             assert (await c.get("/healthz")).json() == {"status": "ok"}
             ready = (await c.get("/readyz")).json()
             assert ready["status"] == "ready" and ready["redis"] == "up"
@@ -201,12 +201,12 @@ def test_ops_endpoints_metrics_request_id_and_openapi(artifacts, redis_url, redi
             await c.post("/v1/recall", json={"k": 3})
             m = (await c.get("/metrics")).text
             assert 'tt_request_latency_seconds_count{method="POST",route="/v1/recall"}' in m
-            assert 'tt_cache_lookups_total{result="hit"}' in m
+            assert 'tt_cache_lookups_total{result="hit"}' in m or 'tt_cache_lookups_total{result="hit_local"}' in m
             assert 'tt_bundle_info{index_version="20250101T000000Z-000001"' in m
             assert "tt_microbatch_size_bucket" in m
             spec = (await c.get("/openapi.json")).json()
             req = spec["components"]["schemas"]["RecallRequest"]["properties"]
-            assert req["k"]["maximum"] == 50 and req["k"]["default"] == 50 or req["k"]["maximum"] == 50
+            assert req["k"]["maximum"] == 50 and req["k"]["default"] == 20
             assert "/v1/recall/batch" in spec["paths"] and "/v1/events" in spec["paths"]
 
     asyncio.run(main())
@@ -362,5 +362,26 @@ def test_concurrent_recalls_are_answered_correctly_with_and_without_microbatchin
             m = (await c.get("/metrics")).text
             sizes = [line for line in m.splitlines() if line.startswith("tt_microbatch_size_count")]
             assert sizes
+
+    asyncio.run(main())
+
+
+def test_an_event_posted_to_another_process_reaches_this_ones_memory_cache(artifacts, redis_url, redis_prefix):
+    """Two service instances on one Redis (as two workers would be): A caches a user's answer in memory,
+    the event goes to B, and A's next answers reflect it once the notice arrives (no TTL wait)."""
+    async def main() -> None:
+        s = settings_for(artifacts, redis_url, redis_prefix, local_cache_ttl_s=300)
+        async with running(s) as a, running(s) as b:
+            await eventually(lambda: a.app.state.runtime.cache.user_notices_live)
+            first = (await a.post("/v1/recall", json={"user_id": 9, "k": 10})).json()
+            assert (await a.post("/v1/recall", json={"user_id": 9, "k": 10})).json()["cached"] is True
+            top = first["items"][0]["item_id"]
+            assert (await b.post("/v1/events", json={"user_id": 9, "item_id": top})).status_code == 200
+
+            async def reflected() -> bool:
+                r = (await a.post("/v1/recall", json={"user_id": 9, "k": 10})).json()
+                return top not in {i["item_id"] for i in r["items"]}
+
+            await eventually(reflected, timeout=2)
 
     asyncio.run(main())

@@ -229,13 +229,16 @@ def test_lone_request_waits_at_most_max_wait():
 
     async def main() -> None:
         ex = ThreadPoolExecutor(1)
-        mb: MicroBatcher[int, int] = MicroBatcher(fn, executor=ex, max_size=64, max_wait_s=0.002)
+        mb: MicroBatcher[int, int] = MicroBatcher(fn, executor=ex, max_size=64, max_wait_s=0.05)
         mb.start()
         await mb.submit(0)
-        t0 = time.perf_counter()
-        for i in range(20):
+        worst = 0.0
+        for i in range(10):
+            t0 = time.perf_counter()
             assert await mb.submit(i) == i
-        assert (time.perf_counter() - t0) / 20 < 0.010
+            worst = max(worst, time.perf_counter() - t0)
+        # it waits for company up to max_wait, then goes alone (the margin absorbs a busy machine)
+        assert 0.04 < worst < 0.05 + 0.1
         await mb.close()
         ex.shutdown()
 
