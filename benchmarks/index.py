@@ -279,7 +279,8 @@ def bench_reindex(n_items: int, dim: int, seed: int, workdir: Path | None) -> di
     bundle_mb = sum(f["bytes"] for f in m.files.values()) / 2**20
     out = {"n_items": m.n_items, "dim": m.dim, "wall_s": wall, "generate_s": gen_s, "recipe": m.recipe,
            "recall": m.recall, "recall_k": m.recall_k, "n_eval_users": m.n_eval_users,
-           "timings_s": m.extra.get("timings_s", {}), "recall_tried": m.extra.get("recall_tried"),
+           "timings_s": m.extra.get("timings_s", {}), "cpu_s": m.extra.get("cpu_s", {}),
+           "recall_tried": m.extra.get("recall_tried"), "load_during": " ".join(f"{v:.1f}" for v in os.getloadavg()),
            "bundle_mb": bundle_mb}
     import shutil
 
@@ -351,6 +352,7 @@ def render(args: argparse.Namespace, rows: list[Row], reindex: dict[str, Any] | 
                      else "**not met** in this run.")]
     if reindex:
         t = reindex["timings_s"]
+        c = reindex.get("cpu_s", {})
         r = reindex["recipe"]
         knobs = f", nprobe={r['nprobe']}" if r.get("nprobe") else ""
         lines += [
@@ -365,6 +367,10 @@ def render(args: argparse.Namespace, rows: list[Row], reindex: dict[str, Any] | 
             "",
             f"- wall time: **{reindex['wall_s']:.1f} s** (target <= 60 s: "
             f"{'met' if reindex['wall_s'] <= 60 else 'NOT met'})",
+            f"- CPU time of the job: {c.get('total', 0):.1f} s (load average right after the run: "
+            f"{reindex.get('load_during', '?')}; with 2 cores and other jobs running, wall time exceeds CPU "
+            "time / 2 by whatever the other jobs took)",
+            "- CPU s per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in c.items() if k != "total"),
             f"- stages (s): load model {t.get('load_model', 0):.1f}, load data {t.get('load_data', 0):.1f}, embed items {t.get('embed_items', 0):.1f}, "
             f"build index {t.get('build_index', 0):.1f}, recall gate {t.get('recall_gate', 0):.1f}, "
             f"write bundle {t.get('write_bundle', 0):.1f}, publish (validate + checksums + rename) "

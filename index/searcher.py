@@ -236,15 +236,31 @@ class TorchExactSearcher:
         b = q.shape[0]
         if kk == 0:
             return _pad(np.empty((b, 0), np.float32), np.empty((b, 0), np.int64), k)
-        q_block = max(1, _BLOCK_ELEMS // max(1, self.ntotal))
+        n = self.ntotal
+        # 2-D blocks: (up to 1024 queries) x (as many items as fit the block budget). Wide item
+        # blocks keep the matmul BLAS-shaped on a CPU; a running top-k merges the blocks.
+        q_block = min(b, 1024)
+        item_block = max(kk, min(n, _BLOCK_ELEMS // q_block))
         scores, ids = [], []
         with torch.inference_mode():
             qt = torch.from_numpy(q).to(self.device, dtype=self._vectors.dtype)  # (B, D)
             for q0 in range(0, b, q_block):
-                s = qt[q0:q0 + q_block] @ self._vectors.T  # (bq, N)
-                top_s, top_r = torch.topk(s, kk, dim=1)  # sorted, best first
-                scores.append(top_s.float().cpu())
-                ids.append(self._ids[top_r].cpu())
+                qb = qt[q0:q0 + q_block]
+                best_s = best_r = None
+                for i0 in range(0, n, item_block):
+                    s = qb @ self._vectors[i0:i0 + item_block].T  # (bq, ib)
+                    top_s, top_r = torch.topk(s, min(kk, s.shape[1]), dim=1)
+                    top_r = top_r + i0
+                    if best_s is not None and best_r is not None:
+                        cand_s = torch.cat([best_s, top_s], dim=1)
+                        sel_s, sel = torch.topk(cand_s, kk, dim=1)
+                        best_r = torch.gather(torch.cat([best_r, top_r], dim=1), 1, sel)
+                        best_s = sel_s
+                    else:
+                        best_s, best_r = top_s, top_r
+                assert best_s is not None and best_r is not None
+                scores.append(best_s.float().cpu())
+                ids.append(self._ids[best_r].cpu())
         return _pad(torch.cat(scores).numpy(), torch.cat(ids).numpy(), k)
 
 
