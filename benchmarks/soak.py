@@ -93,6 +93,8 @@ def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float 
         "rss_start_kib": rss_start,
         "rss_end_kib": rss_end,
         "rss_max_kib": max(samples + [rss_end]),
+        # eleven evenly spaced samples across the run: growth that has levelled off vs one that has not
+        "rss_trend_kib": [samples[round(i * (len(samples) - 1) / 10)] for i in range(11)] if samples else [],
         "rss_growth_pct": round(100.0 * growth, 2),
         # on a shared machine latency says more about the neighbours than about the server; the
         # server's own CPU time per request does not

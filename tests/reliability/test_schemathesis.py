@@ -18,7 +18,7 @@ from tests.reliability.harness import REPO_ROOT, ServerProc
 pytestmark = pytest.mark.slow
 
 MIN_CASES = 500
-MAX_TIME_S = 30
+MAX_TIME_S = 25
 CHECKS = "not_a_server_error,client_errors_say_what_was_wrong,status_tally"
 
 
