@@ -23,6 +23,8 @@ from tests.reliability.conftest import ADMIN_TOKEN
 from tests.reliability.corrupt import pickled_checkpoint
 from tests.reliability.harness import REPO_ROOT, ServerProc
 
+pytestmark = pytest.mark.slow  # one real server for the module (the session's shared one)
+
 MAX_BODY, MAX_HISTORY, MAX_K, MAX_BATCH, MAX_EXCLUDE, MAX_FEATURES = 1_000_000, 200, 1000, 256, 1000, 64
 
 

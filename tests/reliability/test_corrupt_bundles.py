@@ -127,6 +127,7 @@ def _reindex_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple
     return rc, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_reindex_cli_refuses_a_model_version_outside_the_artifacts(artifacts: Path, trained: Trained,
                                                                   tmp_path: Path) -> None:
     """A real `twotower reindex` process: exit 2, one line on stderr, nothing published, even though
