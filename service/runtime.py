@@ -65,6 +65,7 @@ class Runtime:
         else:
             self.runner = DirectRunner(compute_batch, executor=self.executor, key=key, on_batch=on_batch)
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[Any]] = set()
         self.shutting_down = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -99,10 +100,11 @@ class Runtime:
             def on_state(up: bool) -> None:
                 self.cache.notices_connected(up)
                 loop = asyncio.get_running_loop()
-                if up:  # a publish may have happened while we were not subscribed
-                    loop.create_task(self._refresh_quietly())
-                else:  # probably Redis itself: find out now, so the cache stops answering at once
-                    loop.create_task(self.guard.ping())
+                # a publish may have happened while we were not subscribed; a lost subscription is
+                # probably Redis itself: find out now, so the cache stops answering at once
+                t = loop.create_task(self._refresh_quietly() if up else self.guard.ping())
+                self._side_tasks.add(t)  # the loop keeps only weak references to tasks
+                t.add_done_callback(self._side_tasks.discard)
 
             handlers: dict[str, Handler] = {notice_channel(self.settings.redis_prefix): on_bundle,
                         events_channel(self.settings.redis_prefix): on_event}
