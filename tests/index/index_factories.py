@@ -73,6 +73,15 @@ def tiny_catalogue(n_items: int = 100, n_users: int = 60, per_user: int = 12, se
 def tiny_model(cat: Catalogue, dim: int = 16, steps: int = 60, seed: int = 0,
                model: str = "youtubednn") -> TwoTowerModel:
     """A real two-tower model trained for a few dozen in-batch-softmax steps (about a second)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: a second thread only adds waiting on a busy machine
+    try:
+        return _train_tiny(cat, dim, steps, seed, model)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_tiny(cat: Catalogue, dim: int, steps: int, seed: int, model: str) -> TwoTowerModel:
     torch.manual_seed(seed)
     enc = FeatureEncoder.fit(cat.users, cat.items, cat.user_features, cat.item_features, history_len=5)
     cfg = TowerConfig(model=model, dim=dim, emb_dim=16, feature_dim=8, hidden=(32,), temperature=0.1)
