@@ -16,16 +16,16 @@ BIN := $(abspath $(VENV))/bin
 RUN_STAMP := $(VENV)/.stamp-run
 DEV_STAMP := $(VENV)/.stamp-dev
 PYTEST_ARGS ?=
-BENCH_ARGS ?=
 PIP_FLAGS ?= $(if $(CI),--progress-bar off,)
 
-.PHONY: help venv dev demo test lint bench clean distclean docker-build up down
+.PHONY: help venv dev demo test lint bench soak clean distclean docker-build up down
 
 help:
 	@echo "make demo       train (synthetic), reindex, serve, send a sample recall, stop"
 	@echo "make test       install dev extras and run the whole suite (starts Redis if none answers)"
 	@echo "make lint       ruff + mypy + import-linter"
-	@echo "make bench      run benchmarks/*.py (needs ../shared/data for MovieLens)"
+	@echo "make bench      run the benchmarks and assemble BENCHMARKS.md (MovieLens from ../shared/data)"
+	@echo "make soak       the reliability soak against a local server and Redis"
 	@echo "make venv       only create $(VENV) with CPU torch and the project"
 	@echo "make clean      remove caches and ./artifacts;  make distclean also removes $(VENV)"
 	@echo "make up / down  docker compose up / down (needs a Docker engine)"
@@ -69,15 +69,20 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy towers training index service twotower
 	$(BIN)/lint-imports
 
-# benchmarks/run.py when there is one, else every benchmarks/*.py that is an entry point (helpers are
-# named _*.py or *_runner.py). MovieLens benchmarks read ../shared/data beside the checkout.
+# The benchmark scripts in order (each writes benchmarks/results/<name>.md), then assemble.py puts
+# them together into BENCHMARKS.md. MovieLens benchmarks read ../shared/data beside the checkout.
+# `make bench BENCHMARKS="index"` runs only some; `make soak` runs the reliability soak.
+BENCHMARKS ?= quality index serve
 bench: $(RUN_STAMP)
 	@set -e; export PATH="$(BIN):$$PATH"; \
-	if [ -f benchmarks/run.py ]; then exec $(PY) benchmarks/run.py $(BENCH_ARGS); fi; \
-	for f in benchmarks/*.py; do \
-	  case "$$(basename "$$f")" in _*|*_runner.py) continue;; esac; \
-	  [ -e "$$f" ] || { echo "no benchmarks/*.py yet"; exit 0; }; \
-	  echo "== $$f"; $(PY) "$$f" $(BENCH_ARGS); done
+	for name in $(BENCHMARKS); do \
+	  f=benchmarks/$$name.py; [ -f "$$f" ] || { echo "skip $$f (not there)"; continue; }; \
+	  echo "== $$f"; $(PY) "$$f"; done; \
+	if [ -f benchmarks/assemble.py ]; then echo "== benchmarks/assemble.py"; $(PY) benchmarks/assemble.py; fi
+
+# the soak starts its own server and private redis-server (see benchmarks/soak.py)
+soak: $(RUN_STAMP)
+	PATH="$(BIN):$$PATH" $(PY) benchmarks/soak.py
 
 clean:
 	rm -rf artifacts .pytest_cache .mypy_cache .ruff_cache build *.egg-info
