@@ -75,9 +75,11 @@ class SideFeatures(nn.Module):
             else:
                 self.out_dim += 1
         for t in self.tables.values():
-            nn.init.normal_(t.weight, std=0.05)
+            weight = t.weight
+            assert isinstance(weight, torch.Tensor)
+            nn.init.normal_(weight, std=0.05)
             with torch.no_grad():
-                t.weight[0].zero_()
+                weight[0].zero_()  # row 0 = missing value / padding: contributes nothing
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         parts = []
