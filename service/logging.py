@@ -91,6 +91,7 @@ class AccessLog:
         self._scheduled = False
         self._sec = -1
         self._sec_text = ""
+        self._routes: dict[str, str] = {}
 
     def write(self, method: str, path: str, route: str, status: int, ms: float, request_id: str) -> None:
         now = time.time()
@@ -98,10 +99,14 @@ class AccessLog:
         if sec != self._sec:
             self._sec, self._sec_text = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
         msg = json.dumps(f"{method} {path} {status}")
+        r = self._routes.get(route)
+        if r is None:
+            r = self._routes[route] = json.dumps(route)
+        # request ids are limited to characters that need no JSON escaping (see new_request_id)
+        rid = f'"{request_id}"' if _SANE_ID.match(request_id) else json.dumps(request_id)
         self._buf.append(
             f'{{"ts": "{self._sec_text}.{int((now - sec) * 1000):03d}Z", "level": "INFO", "logger": {self._logger}, '
-            f'"msg": {msg}, "request_id": {json.dumps(request_id)}, "route": {json.dumps(route)}, '
-            f'"status": {status}, "ms": {ms:.3f}}}\n')
+            f'"msg": {msg}, "request_id": {rid}, "route": {r}, "status": {status}, "ms": {ms:.3f}}}\n')
         if len(self._buf) >= 256:
             self.flush()
         elif not self._scheduled:
