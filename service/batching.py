@@ -72,10 +72,6 @@ class MicroBatcher(Generic[T, R]):
         self._queue.put_nowait((item, fut, loop.time()))
         return await fut
 
-    async def submit_many(self, items: Sequence[T]) -> list[R | BaseException]:
-        """Queue several items at once (they are likely to share a batch); results in order."""
-        return list(await asyncio.gather(*(self.submit(i) for i in items), return_exceptions=True))
-
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -168,18 +164,6 @@ class DirectRunner(Generic[T, R]):
         if isinstance(r, BaseException):
             raise r
         return r
-
-    async def submit_many(self, items: Sequence[T]) -> list[R | BaseException]:
-        # a /recall/batch request is already a batch: compute it in one call even without micro-batching
-        if self._closed:
-            raise BatcherClosed("shutting down")
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        res: list[R | BaseException] = await loop.run_in_executor(self.executor, run_grouped, self.fn,
-                                                                  list(items), self.key)
-        if self.on_batch is not None:
-            self.on_batch(len(items), loop.time() - t0)
-        return res
 
     async def close(self) -> None:
         self._closed = True

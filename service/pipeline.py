@@ -39,10 +39,6 @@ class InputError(ValueError):
         self.loc, self.msg, self.kind = tuple(loc), msg, kind
 
 
-class UnknownItem(KeyError):
-    pass
-
-
 # --------------------------------------------------------------------------------------------
 # the bundle as the service sees it
 
