@@ -1,0 +1,44 @@
+"""Assemble BENCHMARKS.md from the per-area result files each benchmark script writes.
+
+    python benchmarks/assemble.py      # after quality.py, index.py and serve.py have run
+
+Each section below is the verbatim output of one script run, with its command and machine line;
+this file only puts them under one roof, in a fixed order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+SECTIONS = [
+    ("quality.md", "python benchmarks/quality.py"),
+    ("index.md", "python benchmarks/index.py --n 1000000 --dim 64"),
+    ("serve.md", "python benchmarks/serve.py"),
+]
+
+HEADER = """# Benchmarks
+
+Every figure here comes from a run of the scripts in `benchmarks/` on the project's reference machine
+(2 x86-64 cores, 24 GiB, no GPU). Each section names the command that produced it. Comparisons are
+made side by side in one run and reported as ratios; absolute times on a shared 2-core machine move
+with whatever else runs, so each section also records the load at the time.
+
+Regenerate: run the three scripts, then `python benchmarks/assemble.py`.
+"""
+
+
+def main() -> None:
+    parts = [HEADER]
+    for name, command in SECTIONS:
+        path = ROOT / "results" / name
+        if path.exists():
+            parts.append(path.read_text().strip())
+        else:
+            parts.append(f"## {name[:-3]}\n\nNot run yet: `{command}`.")
+    (ROOT.parent / "BENCHMARKS.md").write_text("\n\n".join(parts) + "\n")
+    print(f"wrote {ROOT.parent / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
