@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -26,7 +27,7 @@ class Trained:
     first_bundle: str
 
 
-def train_tiny(artifacts: Path, seed: int, epochs: int = 1, **kw: object):
+def train_tiny(artifacts: Path, seed: int, epochs: int = 1, **kw: Any) -> Any:
     from training.config import TrainConfig
     from training.train import run
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -73,7 +74,7 @@ def test_server_under_load_refuses_broken_current_bundles_and_keeps_serving(
             version = f"20990101T0000{n:02d}Z-0000aa"
             broken_copy(root / good, root / version, version, b)
             _point(artifacts, version)
-            ready = wait_until(lambda v=version: _rejected(srv, v), 15, f"{b.name}: the server noticing {version}")
+            ready = wait_until(partial(_rejected, srv, version), 15, f"{b.name}: the server noticing {version}")
             assert ready["status"] == "ready" and ready["bundle"]["index_version"] == good, ready
             refused[b.name] = ready["last_bundle_error"]
             # an explicit reload says the bundle was refused, why, and what is still served
@@ -84,7 +85,7 @@ def test_server_under_load_refuses_broken_current_bundles_and_keeps_serving(
         # pointers that do not name a bundle directory inside bundles/
         for text in ("../../etc", "/etc", "..", f".staging-{good}", "no-such-version"):
             _point(artifacts, text)
-            ready = wait_until(lambda t=text: _rejected(srv, t), 15, f"the server noticing CURRENT={text!r}")
+            ready = wait_until(partial(_rejected, srv, text), 15, f"the server noticing CURRENT={text!r}")
             assert ready["status"] == "ready" and ready["bundle"]["index_version"] == good, ready
             refused[f"CURRENT={text}"] = ready["last_bundle_error"]
         # asking for a named version outside the bundles directory

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,10 @@ def reindex_cli(artifacts: Path, model_version: str, redis: RedisProc, prefix: s
         capture_output=True, text=True, timeout=180, cwd=REPO_ROOT)
 
 
+def _served(load: Load, version: str) -> bool:
+    return any(version in {i for _m, i, _c in o.versions} for o in list(load.outcomes))
+
+
 def newer_answers_never_go_back(outcomes: list[Outcome]) -> list[str]:
     """Violations of: a request started after some answer with version V completed gets >= V.
 
@@ -89,8 +94,7 @@ def test_reindex_twice_under_load_fails_no_request_and_never_mixes_versions(
             new = current_index_version(artifacts)
             assert new not in published
             published.append(new)
-            load.wait_for(lambda ld, v=new: any(v in {i for _m, i, _c in o.versions} for o in list(ld.outcomes)),
-                          20, f"answers from the new bundle {new}")
+            load.wait_for(partial(_served, version=new), 20, f"answers from the new bundle {new}")
         t_last = time.monotonic()
         load.wait_for(lambda ld: ld.sent > 0 and sum(1 for o in list(ld.outcomes) if o.t0 > t_last) >= 50, 20,
                       "answers after the last swap")
