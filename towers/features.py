@@ -269,22 +269,22 @@ class FeatureEncoder:
         training loops that gather feature rows by index instead of re-encoding per batch."""
         table = users.copy()
         table.index = [normalize_user_id(u) for u in table.index]
-        table = table.reindex(self.user_ids)
-        out: dict[str, torch.Tensor] = {}
-        recs: list[Mapping[str, Any] | None] = [None]
-        recs.extend(_records(table, self.user_features))
-        self._encode_side("user", self.user_features, recs, out)
+        out = self._encode_table("user", self.user_features, table.reindex(self.user_ids))
         out["user_row"] = torch.arange(self.n_user_rows, dtype=torch.long)
         return out
 
     def encode_item_table(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Every catalogue item in item-row order (row 0 = padding)."""
-        table = items.reindex(self.item_ids)
-        out: dict[str, torch.Tensor] = {}
-        recs: list[Mapping[str, Any] | None] = [None]
-        recs.extend(_records(table, self.item_features))
-        self._encode_side("item", self.item_features, recs, out)
+        out = self._encode_table("item", self.item_features, items.reindex(self.item_ids))
         out["item_row"] = torch.arange(self.n_item_rows, dtype=torch.long)
+        return out
+
+    def _encode_table(self, side: str, specs: list[FeatureSpec], table: pd.DataFrame) -> dict[str, torch.Tensor]:
+        # row 0 is the reserved padding / unknown row: every feature missing
+        recs: list[Mapping[str, Any] | None] = [None]
+        recs.extend(_records(table, specs))
+        out: dict[str, torch.Tensor] = {}
+        self._encode_side(side, specs, recs, out)
         return out
 
 
