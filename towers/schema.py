@@ -211,11 +211,7 @@ def read_table_with_lines(path: str | Path, *, text_columns: Iterable[str] = ())
     except UnicodeDecodeError as exc:
         raise DataError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path=path) from exc
     df.columns = [str(c).strip() for c in df.columns]
-    lines = np.arange(2, len(df) + 2, dtype=np.int64)  # header is line 1
-    blank = df.isna().all(axis=1).to_numpy()
-    if blank.any():
-        df = df.loc[~blank].reset_index(drop=True)
-        lines = lines[~blank]
+    df, lines = drop_blank_rows(df, np.arange(2, len(df) + 2, dtype=np.int64))  # header is line 1
     if df.empty:
         raise DataError("file has a header but no rows", path=path)
     # numeric-looking columns become numbers; the rest stay strings
@@ -230,6 +226,14 @@ def read_table_with_lines(path: str | Path, *, text_columns: Iterable[str] = ())
 
 def is_parquet(path: str | Path) -> bool:
     return Path(path).suffix.lower() in (".parquet", ".pq")
+
+
+def drop_blank_rows(df: pd.DataFrame, lines: np.ndarray) -> tuple[pd.DataFrame, np.ndarray]:
+    """Drop all-empty rows, keeping each remaining row's file line (blank lines still count)."""
+    blank = df.isna().all(axis=1).to_numpy()
+    if blank.any():
+        return df.loc[~blank].reset_index(drop=True), lines[~blank]
+    return df, lines
 
 
 def _parser_error_line(msg: str) -> int | None:

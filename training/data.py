@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from towers.schema import (
     DataError,
     FeatureSpec,
+    drop_blank_rows,
     infer_feature_columns,
     is_parquet,
     read_table_with_lines,
@@ -681,11 +682,7 @@ def _read_delimited(path: Path, sep: str, names: list[str], *, encoding: str,
             raise DataError(f"expected {len(names)} {sep!r}-separated fields, found {m.group(3)}",
                             path=path, line=int(m.group(2))) from exc
         raise DataError(f"unparsable file: {exc}", path=path) from exc
-    where = np.arange(1, len(df) + 1, dtype=np.int64)  # no header: row i is line i + 1
-    blank = df.isna().all(axis=1).to_numpy()
-    if blank.any():
-        df = df.loc[~blank].reset_index(drop=True)
-        where = where[~blank]
+    df, where = drop_blank_rows(df, np.arange(1, len(df) + 1, dtype=np.int64))  # no header: row i is line i + 1
     if df.empty:
         raise DataError("file has no rows", path=path)
     df[_WHERE] = where
