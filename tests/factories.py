@@ -109,3 +109,16 @@ def publish_bundle(artifacts: Path, world: World | None = None, model: Any = Non
                  histories={u: h[-model.encoder.history_len:] for u, h in hist.items()}, seen=hist,
                  recall=1.0, recall_k=10, n_eval_users=0, history_len=model.encoder.history_len)
     return publish(artifacts, staged, redis_url=redis_url, prefix=prefix)
+
+
+def truncate(p: Path) -> None:
+    """Cut a file in half: what a crash mid-copy or a full disk leaves behind."""
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def flip_byte(p: Path) -> None:
+    """Flip one byte in the middle: same size, different content (only a checksum notices)."""
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))

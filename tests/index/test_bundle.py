@@ -14,6 +14,7 @@ import pytest
 
 from index import bundle as B
 from index.searcher import ExactSearcher, FaissSearcher, IdMap
+from tests.factories import flip_byte, truncate
 from tests.index.index_factories import Catalogue, tiny_catalogue, tiny_model, write_model_artifacts
 from towers.checkpoint import TwoTowerModel
 
@@ -101,24 +102,13 @@ def test_string_item_ids_come_back_as_strings(tmp_path) -> None:
     assert all(isinstance(i, str) for i in b.histories["1"])
 
 
-def _truncate(p: Path) -> None:
-    data = p.read_bytes()
-    p.write_bytes(data[: len(data) // 2])
-
-
-def _flip_byte(p: Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage,message", [
-    (lambda d: _truncate(d / B.INDEX), "bytes, manifest says"),
-    (lambda d: _flip_byte(d / B.ITEM_VECTORS), "sha256 does not match"),
+    (lambda d: truncate(d / B.INDEX), "bytes, manifest says"),
+    (lambda d: flip_byte(d / B.ITEM_VECTORS), "sha256 does not match"),
     (lambda d: (d / B.POPULAR).unlink(), "popular.json: file missing"),
     (lambda d: (d / B.MANIFEST).unlink(), "manifest missing"),
     (lambda d: (d / B.MANIFEST).write_text("{not json"), "not valid JSON"),
-    (lambda d: rewrite(d, B.INDEX, _truncate), "cannot read FAISS index"),
+    (lambda d: rewrite(d, B.INDEX, truncate), "cannot read FAISS index"),
     (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.zeros((200, 8), np.float32))),
      r"shape \(200, 8\), manifest says \(200, 16\)"),
     (lambda d: rewrite(d, B.ITEM_VECTORS, lambda p: np.save(p, np.full((200, 16), np.nan, np.float32))),
@@ -179,7 +169,7 @@ def test_rollback_and_list(tmp_path, trained) -> None:
 def test_rollback_refuses_a_corrupt_target(tmp_path, trained) -> None:
     B.publish(tmp_path, stage(tmp_path, trained, V1))
     B.publish(tmp_path, stage(tmp_path, trained, V2))
-    _flip_byte(tmp_path / "bundles" / V1 / B.INDEX)
+    flip_byte(tmp_path / "bundles" / V1 / B.INDEX)
     with pytest.raises(B.BundleError, match="sha256"):
         B.rollback(tmp_path)
     assert B.current_version(tmp_path) == V2

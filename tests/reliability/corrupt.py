@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from index.bundle import MANIFEST, sha256_file
+from tests.factories import flip_byte, truncate
 
 
 def resign(d: Path, **updates: object) -> None:
@@ -34,17 +35,6 @@ def set_version(d: Path, version: str) -> None:
     m = json.loads((d / MANIFEST).read_text())
     m["index_version"] = version
     (d / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
-
-
-def _truncate(p: Path) -> None:
-    data = p.read_bytes()
-    p.write_bytes(data[: len(data) // 2])
-
-
-def _flip_byte(p: Path) -> None:
-    data = bytearray(p.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    p.write_bytes(bytes(data))
 
 
 def _other_dim_index(d: Path, dim: int) -> tuple[np.ndarray, object]:
@@ -78,16 +68,16 @@ def pickled_checkpoint(path: Path, marker: Path) -> None:
 
 
 def truncated_index(d: Path) -> None:
-    _truncate(d / "index.faiss")
+    truncate(d / "index.faiss")
 
 
 def truncated_index_resigned(d: Path) -> None:
-    _truncate(d / "index.faiss")
+    truncate(d / "index.faiss")
     resign(d)
 
 
 def flipped_byte(d: Path) -> None:
-    _flip_byte(d / "item_vectors.npy")
+    flip_byte(d / "item_vectors.npy")
 
 
 def missing_file(d: Path) -> None:
