@@ -59,6 +59,7 @@ def test_flat_and_torch_are_exact(data, exact) -> None:
 
 @pytest.mark.parametrize("recipe,floor", [
     (Recipe("IVF64,Flat", nprobe=16), 0.95),
+    (Recipe("IVF64,SQfp16", nprobe=16), 0.95),  # the default for large catalogues
     (Recipe("HNSW32", ef_search=128), 0.95),
     (Recipe("IVF64,SQ8", nprobe=16), 0.9),
     (Recipe("IVF64,PQ8x4", nprobe=16), 0.3),  # 4-byte codes of 32 dims: lossy by design
@@ -131,7 +132,7 @@ def test_choose_recipe_is_exact_for_small_catalogues_and_ivf_for_large() -> None
     assert choose_recipe(1_000).factory == "Flat"
     assert choose_recipe(100_000).kind == "flat"
     big = choose_recipe(1_000_000)
-    assert big.kind == "ivf" and big.factory == "IVF1024,Flat" and big.nprobe
+    assert big.kind == "ivf" and big.factory == "IVF1024,SQfp16" and big.nprobe
 
 
 def test_recall_at_k() -> None:
