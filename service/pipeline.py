@@ -12,10 +12,12 @@ The item tower is not needed at serve time: item vectors are already in the inde
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring_ascii as _json_str
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,12 @@ class ServingBundle:
     known_user: Callable[[str], bool]
     n_items: int
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @functools.cached_property
+    def versions_json(self) -> str:
+        """'"model_version":"...","index_version":"..."}': the usual tail of an answer."""
+        return json.dumps({"model_version": self.model_version, "index_version": self.index_version},
+                          separators=(",", ":"))[1:]
 
     @property
     def user_features(self) -> dict[str, str]:
@@ -230,51 +238,63 @@ def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) ->
 # resolved inputs -> answers (runs in the thread pool)
 
 
-def render(ids: Sequence[ItemId], scores: Sequence[float], bundle: ServingBundle,
+_ITEM_INT = '{"item_id":%d,"score":%.6f}'
+_ITEM_STR = '{"item_id":%s,"score":%.6f}'
+_TEMPLATES: dict[tuple[bool, int], str] = {}
+
+
+def _items_template(str_ids: bool, n: int) -> str:
+    """'{"item_id":%d,"score":%.6f},...' n times: one %-format call renders a whole item list."""
+    t = _TEMPLATES.get((str_ids, n))
+    if t is None:
+        t = ",".join([_ITEM_STR if str_ids else _ITEM_INT] * n)
+        if len(_TEMPLATES) < 4096:
+            _TEMPLATES[(str_ids, n)] = t
+    return t
+
+
+def render(ids: Sequence[ItemId], scores: Sequence[float] | np.ndarray, bundle: ServingBundle,
            fallback: bool = False, warnings: Sequence[str] = ()) -> bytes:
     """The JSON answer without "cached"; ``with_cached`` splices that in, so a cached body is reused
     byte for byte.
 
-    The item list is formatted by hand: json.dumps of 100 small dicts took ~0.25 ms, a third of a
-    batch's non-search work. Integer ids and finite floats need no escaping; string ids go through
-    json.dumps. Scores are finite (padding rows are filtered before), which allow_nan=False checks
-    for the rest of the document.
+    The item list is rendered by one %-format over a template of the list's length: per-item
+    f-strings with ``repr`` of each float took ~150 us per 100 items (float repr alone ~1 us each),
+    the single format call ~30 us. Scores carry 6 decimals (float32 holds ~7 significant digits).
+    Integer ids need no escaping; string ids go through the C JSON string encoder.
     """
-    if ids and isinstance(ids[0], str):
-        pairs = zip((json.dumps(i) for i in ids), scores, strict=True)
+    sc = np.asarray(scores, dtype=np.float64)
+    if len(ids) != len(sc):
+        raise ValueError(f"{len(ids)} ids for {len(sc)} scores")
+    if not np.isfinite(sc).all():
+        raise ValueError("non-finite score in an answer")
+    str_ids = bool(ids) and isinstance(ids[0], str)
+    flat: list[Any] = [None] * (2 * len(ids))
+    flat[::2] = [_json_str(str(i)) for i in ids] if str_ids else ids
+    flat[1::2] = sc.tolist()
+    items = _items_template(str_ids, len(ids)) % tuple(flat) if ids else ""
+    if fallback or warnings:
+        tail: dict[str, Any] = {"model_version": bundle.model_version, "index_version": bundle.index_version}
+        if fallback:
+            tail["fallback"] = "popular"
+        if warnings:
+            tail["warnings"] = list(warnings)
+        rest = json.dumps(tail, separators=(",", ":"))[1:]
     else:
-        pairs = zip(ids, scores, strict=True)  # type: ignore[arg-type]
-    items = ",".join([f'{{"item_id":{i},"score":{s!r}}}' for i, s in pairs])
-    tail: dict[str, Any] = {"model_version": bundle.model_version, "index_version": bundle.index_version}
-    if fallback:
-        tail["fallback"] = "popular"
-    if warnings:
-        tail["warnings"] = list(warnings)
-    rest = json.dumps(tail, separators=(",", ":"), allow_nan=False)
-    return f'{{"items":[{items}],{rest[1:]}'.encode()
+        rest = bundle.versions_json  # the common tail, encoded once per bundle
+    return f'{{"items":[{items}],{rest}'.encode()
 
 
 def with_cached(body: bytes, cached: bool) -> bytes:
     return body[:-1] + (b',"cached":true}' if cached else b',"cached":false}')
 
 
-def _scores_list(scores: np.ndarray) -> list[float]:
-    # 6 decimals: float32 carries ~7 significant digits, and shorter JSON is cheaper to send
-    out = np.round(scores.astype(np.float64), 6)
-    if not np.isfinite(out).all():
-        raise ValueError("non-finite score in an answer")
-    return out.tolist()
-
-
 def _not_excluded(fids: np.ndarray, exclude: np.ndarray) -> np.ndarray:
-    """Mask of ``fids`` not in ``exclude`` (sorted unique). A few exclusions: one comparison each
-    (np.isin sorts both arrays, ~50 us even for 5 ids); many: np.isin."""
-    if len(exclude) <= 16:
-        keep = np.ones(len(fids), dtype=bool)
-        for e in exclude.tolist():
-            keep &= fids != e
-        return keep
-    return ~np.isin(fids, exclude)
+    """Mask of ``fids`` not in ``exclude`` (sorted unique, non-empty): a binary search per id, ~4 us
+    for 100 ids (np.isin sorts both arrays: ~25 us even for 5 exclusions)."""
+    pos = np.searchsorted(exclude, fids)
+    np.minimum(pos, len(exclude) - 1, out=pos)
+    return exclude[pos] != fids
 
 
 def _popular(r: Resolved) -> bytes:
@@ -285,7 +305,7 @@ def _popular(r: Resolved) -> bytes:
         keep = _not_excluded(fids, r.exclude)
         fids, scores = fids[keep], scores[keep]
     fids, scores = fids[: r.k], scores[: r.k]
-    return render(b.id_map.to_items(fids), _scores_list(scores), b, fallback=True, warnings=r.warnings)
+    return render(b.id_map.to_items(fids), scores, b, fallback=True, warnings=r.warnings)
 
 
 def compute_batch(reqs: list[Resolved]) -> list[bytes]:
@@ -311,15 +331,22 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
             if len(r.exclude):
                 keep &= _not_excluded(f, r.exclude)
             s, f = s[keep][: r.k], f[keep][: r.k]
-            out[i] = render(b.id_map.to_items(f), _scores_list(s), b, warnings=r.warnings)
+            out[i] = render(b.id_map.to_items(f), s, b, warnings=r.warnings)
     return [o if o is not None else b"" for o in out]
+
+
+def _rounded(scores: Any) -> list[float]:
+    out = np.round(np.asarray(scores, dtype=np.float64), 6)
+    if not np.isfinite(out).all():
+        raise ValueError("non-finite score in an answer")
+    return out.tolist()
 
 
 def compute_similar(b: ServingBundle, item_id: ItemId, k: int) -> bytes:
     scores, items = b.similar(item_id, k)
     doc = {
         "item_id": item_id,
-        "items": [{"item_id": i, "score": s} for i, s in zip(items, _scores_list(np.asarray(scores)), strict=True)],
+        "items": [{"item_id": i, "score": s} for i, s in zip(items, _rounded(scores), strict=True)],
         "model_version": b.model_version,
         "index_version": b.index_version,
     }
