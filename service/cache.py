@@ -20,6 +20,10 @@ Redis is down level 1 is skipped too, so every answer says ``cached: false``.
 
 Identical concurrent misses (same key, same event counter) in this process share one computation:
 the first caller starts it as a task, later callers await the same task.
+
+A fresh answer is written to Redis behind the response (the request does not wait for the SET);
+until the write lands, the finished computation stays registered, so an identical request in that
+window is answered from it (``cached: true``) rather than computed again.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.metrics import Metrics
-from service.redisconn import RedisGuard, RedisUnavailable
+from service.redisconn import RedisCoalescer, RedisGuard, RedisUnavailable
 
 
 @dataclass
@@ -140,72 +144,6 @@ class LocalCache:
         self.bytes = 0
 
 
-class RedisCoalescer:
-    """Gathers the cache's Redis reads and writes issued in the same event-loop turn into one pipeline.
-
-    Under concurrency, requests reach the cache in bursts (a micro-batch finishes, its clients send
-    their next requests together). One round trip for the burst instead of one per request: on
-    loopback the round trip's syscalls and wake-ups cost more CPU than the commands themselves.
-    Each caller still awaits its own result, so a write is visible before its request is answered.
-    """
-
-    def __init__(self, guard: RedisGuard) -> None:
-        self.guard = guard
-        self._ops: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._scheduled = False
-
-    def _submit(self, op: str, args: tuple[Any, ...]) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._ops.append((op, args, fut))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
-        return fut
-
-    def mget(self, *keys: str) -> asyncio.Future[list[bytes | None]]:
-        return self._submit("mget", keys)
-
-    def set(self, key: str, value: bytes, ttl_s: int) -> asyncio.Future[Any]:
-        return self._submit("set", (key, value, ttl_s))
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        ops, self._ops = self._ops, []
-        if ops:
-            task = asyncio.get_running_loop().create_task(self._run(ops))
-            task.add_done_callback(_ignore_result)
-
-    async def _run(self, ops: list[tuple[str, tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        async def op(r: Any) -> list[Any]:
-            async with r.pipeline(transaction=False) as p:
-                for name, args, _ in ops:
-                    if name == "mget":
-                        p.mget(*args)
-                    else:
-                        p.set(args[0], args[1], ex=args[2])
-                return list(await p.execute())
-
-        try:
-            results = await self.guard.run(op)
-        except BaseException as exc:  # RedisUnavailable, or cancellation at shutdown
-            err = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc) or "cancelled")
-            for _, _, fut in ops:
-                if not fut.done():
-                    fut.set_exception(err)
-            if not isinstance(exc, RedisUnavailable):
-                raise
-            return
-        for (_, _, fut), res in zip(ops, results, strict=True):
-            if not fut.done():
-                fut.set_result(res)
-
-
-def _ignore_result(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # retrieved: the callers already got it through their futures
-
-
 class ResultCache:
     """``mode``: "redis" (L2 in Redis, optional L1), "memory" (no Redis configured: L1 is the cache,
     with the full TTL) or "off" (TTL 0)."""
@@ -213,7 +151,8 @@ class ResultCache:
     _RECENT = 4096  # event notices remembered, to refuse L1 writes computed before one of them
 
     def __init__(self, *, guard: RedisGuard | None, prefix: str, ttl_s: int, metrics: Metrics,
-                 local_ttl_s: float = 10.0, local_max_bytes: int = 64 << 20) -> None:
+                 local_ttl_s: float = 10.0, local_max_bytes: int = 64 << 20,
+                 redis: RedisCoalescer | None = None) -> None:
         self.guard = guard if guard is not None and guard.configured else None
         self.prefix, self.ttl_s, self.metrics = prefix, ttl_s, metrics
         self.mode = "off" if ttl_s <= 0 else ("redis" if self.guard is not None else "memory")
@@ -226,7 +165,8 @@ class ResultCache:
         self._notices = 0
         self._recent: deque[tuple[int, str]] = deque(maxlen=self._RECENT)
         self._inflight: dict[str, asyncio.Future[Computed]] = {}
-        self._redis = RedisCoalescer(self.guard) if self.guard is not None else None
+        self._writes: set[asyncio.Future[Any]] = set()  # Redis writes queued by _store_behind
+        self._redis = (redis or RedisCoalescer(self.guard)) if self.guard is not None else None
         c = metrics.cache
         self._hit, self._hit_local = c.labels(result="hit"), c.labels(result="hit_local")
         self._miss, self._shared, self._bypass = (c.labels(result="miss"), c.labels(result="shared"),
@@ -290,19 +230,12 @@ class ResultCache:
             return Lookup(None, seq)
         return Lookup(got[1], seq)
 
-    async def store(self, key: str, seq: int | None, body: bytes) -> None:
-        if self.mode != "redis":
-            return
-        assert self._redis is not None
-        try:
-            await self._redis.set(key, _pack(seq, body), self.ttl_s)
-        except RedisUnavailable:
-            pass
-
     # ------------------------------------------------------------------ the read-through path
     async def get_or_compute(self, key: str, user: str | None, seq_key: str | None, local_seq: int | None,
-                             compute: Callable[[], Awaitable[Computed]]) -> tuple[bytes, bool]:
-        """(body, served_from_cache). ``user``: the user the answer depends on through events."""
+                             compute: Callable[[], Awaitable[Computed]],
+                             on_wait: Callable[[], None] | None = None) -> tuple[bytes, bool]:
+        """(body, served_from_cache). ``user``: the user the answer depends on through events.
+        ``on_wait`` is called when this caller will not compute but wait for another's computation."""
         mark = self._notices
         if self._local_ok(user):
             assert self.local is not None
@@ -319,7 +252,14 @@ class ResultCache:
         flight = f"{key}#{look.seq if look is not None else '?'}"
         fut = self._inflight.get(flight)
         if fut is not None:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # computed before this request came, its cache write still on its way to Redis:
+                # this answer is served from the cache, just not from Redis yet
+                self._hit.inc()
+                return fut.result().body, True
             self._shared.inc()
+            if on_wait is not None:
+                on_wait()
             return (await asyncio.shield(fut)).body, False
         (self._miss if usable else self._bypass).inc()
         task = asyncio.ensure_future(self._compute_and_store(key, flight, compute, usable, user, mark))
@@ -337,11 +277,38 @@ class ResultCache:
 
     async def _compute_and_store(self, key: str, flight: str, compute: Callable[[], Awaitable[Computed]],
                                  usable: bool, user: str | None, mark: int) -> Computed:
+        written_later = False
         try:
             res = await compute()
             if usable and res.cacheable:
-                await self.store(key, res.seq, res.body)
                 self._fill_local(key, res.seq, res.body, user, mark)
+                written_later = self._store_behind(key, flight, res)
             return res
         finally:
+            if not written_later:
+                self._inflight.pop(flight, None)
+
+    def _store_behind(self, key: str, flight: str, res: Computed) -> bool:
+        """Queue the Redis write of a fresh answer without making its request wait for it (on the
+        uncached path that round trip was a fifth of a request's wall time). The flight stays
+        registered until the write has landed, so an identical request meanwhile reuses the answer
+        instead of missing in Redis and computing it again. True when a write was queued."""
+        if self.mode != "redis":
+            return False
+        assert self._redis is not None
+        fut = self._redis.set(key, _pack(res.seq, res.body), self.ttl_s)
+        self._writes.add(fut)
+
+        def landed(f: asyncio.Future[Any]) -> None:
+            self._writes.discard(f)
             self._inflight.pop(flight, None)
+            if not f.cancelled():
+                f.exception()  # a failed write is a cache miss later, nothing more (the breaker logs it)
+
+        fut.add_done_callback(landed)
+        return True
+
+    async def drain(self, timeout_s: float = 2.0) -> None:
+        """Wait (bounded) for cache writes still on their way to Redis: called at shutdown."""
+        if self._writes:
+            await asyncio.wait(list(self._writes), timeout=timeout_s)

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from service.redisconn import RedisGuard, RedisUnavailable
+from service.redisconn import RedisCoalescer, RedisGuard, RedisUnavailable
 
 __all__ = ["UserEvents", "EventStore", "RedisEventStore", "MemoryEventStore", "RedisUnavailable"]
 
@@ -78,9 +78,12 @@ class EventStore:
 class RedisEventStore(EventStore):
     backend = "redis"
 
-    def __init__(self, guard: RedisGuard, prefix: str, cap: int, ttl_s: int) -> None:
+    def __init__(self, guard: RedisGuard, prefix: str, cap: int, ttl_s: int,
+                 redis: RedisCoalescer | None = None) -> None:
         self.guard, self.prefix, self.cap, self.ttl_s = guard, prefix, cap, ttl_s
         self.notice_channel = events_channel(prefix)
+        # reads (on every uncached recall of a known user) go through the request path's coalescer
+        self._fast = redis if redis is not None and redis.transactions else None
 
     def _k(self, kind: str, user_id: str) -> str:
         return f"{self.prefix}:v1:{kind}:{user_id}"
@@ -110,6 +113,10 @@ class RedisEventStore(EventStore):
 
     async def read(self, user_id: str) -> UserEvents:
         lk, sk, qk = self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
+        if self._fast is not None:
+            # one MULTI so list, set and counter are a consistent snapshot
+            lst, seen, seq = await self._fast.transaction(("LRANGE", lk, 0, -1), ("SMEMBERS", sk), ("GET", qk))
+            return UserEvents(items=_parse_entries(lst), seen={s.decode() for s in seen}, seq=int(seq or 0))
 
         async def op(r) -> UserEvents:
             # one MULTI so list, set and counter are a consistent snapshot

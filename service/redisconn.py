@@ -134,3 +134,97 @@ class RedisGuard:
                 await self.client.aclose()
             except Exception:  # closing a broken connection may itself fail; nothing to do then
                 pass
+
+
+class RedisCoalescer:
+    """Gathers the Redis commands of the request path issued in the same event-loop turn into one
+    round trip.
+
+    Under concurrency, requests reach Redis in bursts (a micro-batch finishes, its clients send their
+    next requests together). One round trip for the burst instead of one per request: on loopback
+    the round trip's syscalls and wake-ups cost more CPU than the commands themselves. Each caller
+    gets its own future; commands reach Redis in the order they were issued.
+
+    Transport: the pipelining ``RespClient`` (service.resp) when given, else a redis-py pipeline.
+    """
+
+    def __init__(self, guard: RedisGuard, resp: Any = None) -> None:
+        self.guard, self.resp = guard, resp
+        # per op: its commands and whether it is a MULTI/EXEC block (result = the EXEC reply)
+        self._ops: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[Any]]] = []
+        self._scheduled = False
+
+    @property
+    def transactions(self) -> bool:
+        """Whether ``transaction`` is available (the redis-py fallback runs plain pipelines only)."""
+        return self.resp is not None
+
+    def _submit(self, cmds: list[tuple[Any, ...]], tx: bool) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._ops.append((cmds, tx, fut))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def mget(self, *keys: str) -> asyncio.Future[list[bytes | None]]:
+        return self._submit([("MGET", *keys)], False)
+
+    def set(self, key: str, value: bytes, ttl_s: int) -> asyncio.Future[Any]:
+        return self._submit([("SET", key, value, "EX", int(ttl_s))], False)
+
+    def transaction(self, *cmds: tuple[Any, ...]) -> asyncio.Future[list[Any]]:
+        """MULTI, cmds, EXEC: resolves to the list of the commands' replies (a consistent snapshot)."""
+        assert self.resp is not None, "transactions need the pipelining client"
+        return self._submit([("MULTI",), *cmds, ("EXEC",)], True)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        ops, self._ops = self._ops, []
+        if ops:
+            task = asyncio.get_running_loop().create_task(self._run(ops))
+            task.add_done_callback(_ignore_result)
+
+    async def _run(self, ops: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[Any]]]) -> None:
+        cmds = [c for op_cmds, _, _ in ops for c in op_cmds]
+        resp = self.resp
+
+        async def via_resp(_client: Any) -> list[Any]:
+            return list(await resp.execute(cmds))
+
+        async def via_redis_py(r: aioredis.Redis) -> list[Any]:
+            async with r.pipeline(transaction=False) as p:
+                for c in cmds:
+                    p.execute_command(*c)
+                return list(await p.execute())
+
+        try:
+            replies = await self.guard.run(via_resp if resp is not None else via_redis_py)
+        except BaseException as exc:  # RedisUnavailable, or cancellation at shutdown
+            err = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc) or "cancelled")
+            for _, _, fut in ops:
+                if not fut.done():
+                    fut.set_exception(err)
+            if not isinstance(exc, RedisUnavailable):
+                raise
+            return
+        i = 0
+        for op_cmds, tx, fut in ops:
+            n = len(op_cmds)
+            res = replies[i + n - 1]  # a single command's reply, or EXEC's list of replies
+            i += n
+            if not fut.done():
+                if tx and not isinstance(res, list):
+                    fut.set_exception(RedisUnavailable("transaction aborted"))
+                else:
+                    fut.set_result(res)
+
+    async def aclose(self) -> None:
+        if self.resp is not None:
+            await self.resp.aclose()
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: the callers already got it through their futures

@@ -14,8 +14,9 @@ from service.cache import Computed, ResultCache
 from service.events import EventStore, MemoryEventStore, RedisEventStore, UserEvents
 from service.metrics import Metrics
 from service.pipeline import InputError, RecallQuery, ServingBundle, compute_batch, compute_similar, resolve
-from service.redisconn import RedisGuard, RedisUnavailable, make_client
+from service.redisconn import RedisCoalescer, RedisGuard, RedisUnavailable, make_client
 from service.reload import BundleManager, NoBundle
+from service.resp import RespClient
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,18 @@ class Runtime:
         self.guard = RedisGuard(client, retry_s=settings.redis_retry_s, retry_max_s=settings.redis_retry_max_s,
                                 on_change=lambda up: metrics.redis_up.set(1 if up else 0))
         metrics.redis_up.set(1 if client is not None else 0)
+        # the request path's Redis traffic (cache reads and writes, event reads), one round trip per
+        # event-loop turn over the pipelining client; redis-py pipelines where that cannot connect
+        self.redis = RedisCoalescer(self.guard, _resp_client(settings)) if client is not None else None
         self.cache = ResultCache(guard=self.guard, prefix=settings.redis_prefix, ttl_s=settings.cache_ttl_s,
                                  metrics=metrics, local_ttl_s=settings.local_cache_ttl_s,
-                                 local_max_bytes=settings.local_cache_max_bytes)
+                                 local_max_bytes=settings.local_cache_max_bytes, redis=self.redis)
         self.events: EventStore = (RedisEventStore(self.guard, settings.redis_prefix, settings.events_cap,
-                                                   settings.events_ttl_s)
+                                                   settings.events_ttl_s, redis=self.redis)
                                    if client is not None else MemoryEventStore(settings.events_cap))
-        self.executor = ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute")
+        # 0 threads: batches are computed on the event loop (see service.batching for why that is the default)
+        self.executor = (ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute")
+                         if settings.compute_threads > 0 else None)
 
         def on_batch(n: int, dt: float) -> None:
             metrics.batch_size.observe(n)
@@ -61,7 +67,7 @@ class Runtime:
         if settings.microbatch:
             self.runner = MicroBatcher(compute_batch, executor=self.executor, max_size=settings.microbatch_max_size,
                                        max_wait_s=settings.microbatch_max_wait_ms / 1000.0,
-                                       slots=settings.compute_threads, key=key, on_batch=on_batch)
+                                       slots=max(1, settings.compute_threads), key=key, on_batch=on_batch, announced=True)
         else:
             self.runner = DirectRunner(compute_batch, executor=self.executor, key=key, on_batch=on_batch)
         self._tasks: list[asyncio.Task[None]] = []
@@ -122,11 +128,15 @@ class Runtime:
         self.shutting_down = True
         self.bundles.stopped = True
         await self.runner.close()
+        await self.cache.drain()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.guard.close()
-        self.executor.shutdown(wait=True, cancel_futures=False)
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=False)
 
     def bundle(self) -> ServingBundle:
         b = self.bundles.current
@@ -142,6 +152,9 @@ class Runtime:
         key = self.cache.key(b.index_version, q.canonical())
         seq_key = self.events.seq_key(uid) if uid is not None else None
         local_seq = self.events.local_seq(uid) if uid is not None else None
+        # from here until it reaches the batcher (or needs no computation) this request is company
+        # worth waiting for: a batch being formed waits for it instead of a fixed delay
+        ticket = self.runner.announce()
 
         async def compute() -> Computed:
             ev: UserEvents | None = None
@@ -154,10 +167,13 @@ class Runtime:
             r = resolve(b, q, ev)
             if r.fallback:
                 self.metrics.fallbacks.inc()
-            body = await self.runner.submit(r)
+            body = await self.runner.submit(r, ticket)
             return Computed(body, ev.seq if ev is not None else None, cacheable)
 
-        return await self.cache.get_or_compute(key, uid, seq_key, local_seq, compute)
+        try:
+            return await self.cache.get_or_compute(key, uid, seq_key, local_seq, compute, on_wait=ticket.release)
+        finally:
+            ticket.release()
 
     async def recall_many(self, qs: list[RecallQuery]) -> list[tuple[bytes, bool]]:
         b = self.bundle()  # one bundle for the whole batch request
@@ -179,8 +195,10 @@ class Runtime:
         key = self.cache.key(b.index_version, f'["similar",{parsed!r},{k}]'.encode())
 
         async def compute() -> Computed:
-            loop = asyncio.get_running_loop()
-            body = await loop.run_in_executor(self.executor, compute_similar, b, parsed, k)
+            if self.executor is None:
+                body = compute_similar(b, parsed, k)
+            else:
+                body = await asyncio.get_running_loop().run_in_executor(self.executor, compute_similar, b, parsed, k)
             return Computed(body, None)
 
         return await self.cache.get_or_compute(key, None, None, None, compute)
@@ -234,6 +252,14 @@ class Runtime:
             return 503, doc
         doc["status"] = "degraded" if redis_state == "down" else "ready"
         return 200, doc
+
+
+def _resp_client(settings: Settings) -> RespClient | None:
+    try:
+        return RespClient(settings.redis_url, settings.redis_timeout_s)
+    except ValueError as exc:  # e.g. rediss:// (TLS): redis-py carries the request path too
+        log.info("request-path Redis traffic through redis-py: %s", exc)
+        return None
 
 
 def _bundle_key(r: Any) -> int:

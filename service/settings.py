@@ -54,8 +54,10 @@ class Settings(BaseSettings):
     microbatch: bool = True
     microbatch_max_size: int = Field(default=64, ge=1)
     microbatch_max_wait_ms: float = Field(default=2.0, ge=0)
-    # threads running torch/faiss work off the event loop
-    compute_threads: int = Field(default=1, ge=1)
+    # threads running the tower forward + index search off the event loop; 0 = on the loop itself,
+    # which costs less CPU per request (no GIL hand-offs, see service/batching.py). A thread helps
+    # when batches are large and cached answers must not wait behind them.
+    compute_threads: int = Field(default=0, ge=0)
     # intra-op threads for torch and OpenMP threads for faiss inside one compute call (0 = library default)
     torch_threads: int = Field(default=1, ge=0)
 

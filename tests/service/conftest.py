@@ -26,8 +26,8 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
 class PrivateRedis:
     """A redis-server only this test uses, so it can be stopped and started again."""
 
-    def __init__(self, port: int, workdir: Path) -> None:
-        self.port, self.workdir = port, workdir
+    def __init__(self, port: int, workdir: Path, *extra_args: str) -> None:
+        self.port, self.workdir, self.extra_args = port, workdir, extra_args
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -39,7 +39,7 @@ class PrivateRedis:
         if exe is None:
             pytest.fail("redis-server is not installed (the Makefile installs it for `make test`)", pytrace=False)
         self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                      "--appendonly", "no", "--dir", str(self.workdir), *self.extra_args],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
 

@@ -82,14 +82,17 @@ def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redi
         anon, mine = cache.key("v1", b"anon"), cache.key("v1", b"u1")
         seq_key = f"{redis_prefix}:v1:evseq:u1"
         assert await cache.get_or_compute(anon, None, None, None, compute) == (b"1", False)
+        await cache.drain()  # the write to Redis goes behind the answer: let it land before deleting
         redis_client.delete(anon)  # gone from Redis, still answered from this process
         assert await cache.get_or_compute(anon, None, None, None, compute) == (b"1", True)
         # a named user's answer is kept in memory only while event notices are flowing
         assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"2", False)
+        await cache.drain()
         redis_client.delete(mine)
         assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", False)
         cache.notices_connected(True)
         assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", True)
+        await cache.drain()
         redis_client.delete(mine)
         assert await cache.get_or_compute(mine, "u1", seq_key, None, compute) == (b"3", True)
         cache.user_changed("u1")
@@ -105,6 +108,7 @@ def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redi
         await asyncio.sleep(0.01)
         cache.user_changed("u2")
         assert (await task)[0] == b"stale"
+        await cache.drain()
         redis_client.delete(other)
         assert await cache.get_or_compute(other, "u2", None, None, compute) == (b"5", False)
         await g.close()
@@ -241,5 +245,91 @@ def test_lone_request_waits_at_most_max_wait():
         assert 0.04 < worst < 0.05 + 0.5
         await mb.close()
         ex.shutdown()
+
+    asyncio.run(main())
+
+
+def test_announced_batches_go_as_soon_as_nobody_else_is_on_the_way():
+    calls: list[list[int]] = []
+
+    def fn(items: list[int]) -> list[int]:
+        calls.append(list(items))
+        return items
+
+    async def main() -> None:
+        mb: MicroBatcher[int, int] = MicroBatcher(fn, executor=None, max_size=64, max_wait_s=0.5, announced=True)
+        mb.start()
+        # alone: no waiting out max_wait
+        t0 = time.perf_counter()
+        assert await mb.submit(1, mb.announce()) == 1
+        assert time.perf_counter() - t0 < 0.25
+
+        # a request announced but still on its way (say, in its cache lookup) is waited for...
+        late = mb.announce()
+        early = asyncio.create_task(mb.submit(2, mb.announce()))
+
+        async def arrive_later() -> int:
+            await asyncio.sleep(0.05)
+            return await mb.submit(3, late)
+
+        t0 = time.perf_counter()
+        assert await asyncio.gather(early, arrive_later()) == [2, 3]
+        assert calls[-1] == [2, 3], "the batch left without the announced request"
+        assert 0.04 < time.perf_counter() - t0 < 0.4
+
+        # ...and one that turns out to need no computation (a cache hit) releases the batch
+        hit = mb.announce()
+        waiting = asyncio.create_task(mb.submit(4, mb.announce()))
+        await asyncio.sleep(0.05)
+        t0 = time.perf_counter()
+        hit.release()
+        hit.release()  # twice is harmless
+        assert await waiting == 4
+        assert time.perf_counter() - t0 < 0.25
+        assert mb.upstream == 0
+        await mb.close()
+
+    asyncio.run(main())
+
+
+def test_batches_run_on_the_event_loop_without_an_executor():
+    threads: set[int] = set()
+
+    def fn(items: list[int]) -> list[int]:
+        threads.add(threading.get_ident())
+        return [i + 1 for i in items]
+
+    async def main() -> None:
+        mb: MicroBatcher[int, int] = MicroBatcher(fn, executor=None, max_wait_s=0.001)
+        mb.start()
+        assert await asyncio.gather(*(mb.submit(i) for i in range(10))) == list(range(1, 11))
+        await mb.close()
+        direct: DirectRunner[int, int] = DirectRunner(fn, executor=None)
+        assert await direct.submit(5) == 6
+
+    asyncio.run(main())
+    assert threads == {threading.get_ident()}
+
+
+def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhile(redis_url, redis_prefix,
+                                                                                redis_client):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
+        calls = 0
+
+        async def compute() -> Computed:
+            nonlocal calls
+            calls += 1
+            return Computed(b'{"items":[1]}', None)
+
+        key = cache.key("v1", b"fresh")
+        assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[1]}', False)
+        # the write may still be on its way; an identical request in the meantime is not recomputed
+        assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[1]}', True)
+        await cache.drain()
+        assert calls == 1
+        assert redis_client.get(key) == b'-\n{"items":[1]}'
+        await g.close()
 
     asyncio.run(main())
