@@ -176,32 +176,38 @@ def _check_features(bundle: ServingBundle, features: Mapping[str, Any], warnings
     return out
 
 
-def _map_ids(bundle: ServingBundle, ids: Sequence[Any], what: str, warnings: list[str]) -> list[ItemId]:
+def _map_ids(bundle: ServingBundle, ids: Iterable[Any], what: str, warnings: list[str] | None
+             ) -> tuple[list[ItemId], list[int]]:
+    """Wire ids -> (ids in the catalogue's type, their FAISS ids), unknown ones dropped (and, when
+    ``warnings`` is given, listed there)."""
+    lookup = bundle.id_map.lookup
     known: list[ItemId] = []
+    fids: list[int] = []
     unknown: list[Any] = []
     for i in ids:
-        v = bundle.parse_item(i)
-        if v is None:
+        hit = lookup(i)
+        if hit is None:
             unknown.append(i)
         else:
-            known.append(v)
-    if unknown:
+            known.append(hit[0])
+            fids.append(hit[1])
+    if unknown and warnings is not None:
         warnings.append(f"{what}: unknown item ids ignored: {_listed(unknown)}")
-    return known
+    return known, fids
 
 
 def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) -> Resolved:
-    """Merge request, bundle data and recent events into the tower's input and the exclusion set."""
+    """Merge request, bundle data and recent events into the tower's input and the exclusion set.
+    (``events`` is None when they could not be read, Redis being down: the bundle's data alone.)"""
     warnings: list[str] = []
     uid = q.user_id
     known = uid is not None and bundle.known_user(uid)
-    if uid is not None and events is None:
-        pass  # events unavailable (Redis down): served from the bundle's data alone
-    ev_items = [v for v in (bundle.parse_item(t) for t in (events.items if events else [])) if v is not None]
+    ev_items, ev_fids = _map_ids(bundle, events.items, "events", None) if events else ([], [])
 
     # history: inline replaces what the service knows; otherwise bundle history + newer events
+    hist_fids: list[int] | None = None
     if q.history is not None:
-        history = _map_ids(bundle, q.history, "history", warnings)
+        history, hist_fids = _map_ids(bundle, q.history, "history", warnings)
     else:
         history = list(bundle.user_history(uid)) if known and uid is not None else []
         history.extend(ev_items)
@@ -214,21 +220,16 @@ def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) ->
     fallback = not known and not history and not inline
     excl: list[int] = []
     if q.exclude_ids:
-        for v in _map_ids(bundle, q.exclude_ids, "exclude_ids", warnings):
-            f = bundle.fid(v)
-            if f is not None:
-                excl.append(f)
+        excl.extend(_map_ids(bundle, q.exclude_ids, "exclude_ids", warnings)[1])
     if q.exclude_seen:
-        seen: set[ItemId] = set(history)
+        # everything the user touched: the history the tower sees, every item the bundle's data
+        # has for them, and every item of their events (not only the recent window)
+        excl.extend(hist_fids if hist_fids is not None else _map_ids(bundle, history, "", None)[1])
         if known and uid is not None:
-            seen.update(bundle.user_seen(uid))
+            excl.extend(_map_ids(bundle, bundle.user_seen(uid), "", None)[1])
         if events is not None:
-            seen.update(ev_items)
-            for t in events.seen:
-                parsed = bundle.parse_item(t)
-                if parsed is not None:
-                    seen.add(parsed)
-        excl.extend(f for f in (bundle.fid(v) for v in seen) if f is not None)
+            excl.extend(ev_fids)
+            excl.extend(_map_ids(bundle, events.seen, "", None)[1])
     exclude = np.unique(np.asarray(excl, dtype=np.int64))
     return Resolved(bundle=bundle, k=q.k, fallback=fallback, user_id=uid,
                     features=profile or None, history=history, exclude=exclude, warnings=warnings)

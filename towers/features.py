@@ -176,6 +176,8 @@ class FeatureEncoder:
     def normalize_item_id(self, item_id: Any) -> Any:
         """Request ids may arrive as "42" or 42; the catalogue decides which type is meant."""
         if self.item_id_is_int:
+            if type(item_id) is int:  # the common case, first
+                return item_id
             if isinstance(item_id, bool):
                 raise ValueError(f"item id {item_id!r} is not an integer")
             if isinstance(item_id, float) and item_id.is_integer():
