@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # one JSON access line per request (with request id and latency)
     access_log: bool = True
+    # FastAPI's native OpenTelemetry traces/metrics/logs, through the globally configured providers
+    # (opentelemetry-sdk and an exporter are yours to install and configure)
+    otel: bool = False
     workers: int = Field(default=1, ge=1)
     # seconds uvicorn waits for in-flight requests on SIGTERM
     graceful_timeout_s: float = Field(default=10.0, ge=0)
