@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from index import bundle as B
-from index.reindex import ReindexConfig, run
+from index.reindex import ReindexConfig, measure_recall, run
+from index.searcher import ExactSearcher, FaissSearcher, Recipe, recall_at_k
 from tests.index.conftest import TINY
-from tests.index.index_factories import tiny_catalogue, tiny_model, write_model_artifacts
+from tests.index.index_factories import clustered, tiny_catalogue, tiny_model, write_model_artifacts
 from towers.checkpoint import save_checkpoint
 from twotower.cli import main
 
@@ -80,6 +81,24 @@ def test_ivf_nprobe_is_raised_until_recall_clears_the_floor(artifacts) -> None:
     assert all(r < 0.97 for _, r in tried[:-1])  # stopped at the first setting that clears the floor
     b = B.load_bundle(B.current_bundle_dir(artifacts))
     assert b.manifest.recipe["nprobe"] == m.recipe["nprobe"]
+
+
+def test_ivf_nprobe_is_lowered_while_recall_still_clears_the_floor() -> None:
+    x = clustered(4000, 16, n_clusters=20, seed=3)
+    q = clustered(200, 16, n_clusters=20, seed=3)
+    ids = np.arange(4000, dtype=np.int64)
+    _, truth = ExactSearcher(x, ids).search(q, 50)
+    s = FaissSearcher.build(x, ids, Recipe("IVF64,Flat", nprobe=32))  # a generous start
+    rep = measure_recall(s, truth, q, 50, floor=0.9, tune_nprobe=True, tune_ef=False)
+    chosen = rep.recipe.nprobe
+    assert chosen is not None and chosen < 32, rep.tried  # cheaper than the start...
+    assert rep.recall >= 0.9 and s.recipe.nprobe == chosen  # ...still clears the floor, and is applied
+    measured = dict(rep.tried)
+    assert measured[chosen] == rep.recall
+    # the next cheaper setting was measured and fell short (or there is none)
+    assert chosen == 1 or measured[chosen // 2] < 0.9
+    _, got = s.search(q, 50)
+    assert recall_at_k(got, truth, 50) == rep.recall
 
 
 def test_a_recall_below_the_floor_publishes_nothing(artifacts) -> None:
