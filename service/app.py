@@ -10,6 +10,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Path, Query, Request
@@ -19,6 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from service.batching import BatcherClosed
+from service.fastpath import FastPost
 from service.logging import AccessLog, configure_logging
 from service.metrics import Metrics
 from service.middleware import RequestContextMiddleware
@@ -124,6 +126,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     access_log = AccessLog() if settings.access_log else None
     app.state.access_log = access_log
+    # FastPost answers well-formed recalls without FastAPI's routing machinery (service/fastpath.py);
+    # added first, so it runs inside RequestContextMiddleware (ids, limits, metrics, access log)
+    if settings.fast_path:
+        app.add_middleware(FastPost, path="/v1/recall", handler=lambda doc: fast_recall(doc),
+                           route=SimpleNamespace(path="/v1/recall"))  # what the metrics read of scope["route"]
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        access_log=access_log)
 
@@ -163,6 +170,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         q = _query(body, _user_id_or_422(body.user_id, ("body", "user_id")))  # type: ignore[attr-defined]
         answer, cached = await runtime_of(request).recall(q)
         return Response(with_cached(answer, cached), media_type=_JSON)
+
+    async def fast_recall(doc: Any) -> bytes:
+        # what recall() does, minus FastAPI: any exception hands the request back to the route above
+        body = RecallRequest.model_validate(doc)
+        q = _query(body, _user_id_or_422(body.user_id, ("body", "user_id")))  # type: ignore[attr-defined]
+        answer, cached = await app.state.runtime.recall(q)
+        return with_cached(answer, cached)
 
     @app.post("/v1/recall/batch", response_model=BatchRecallResponse, responses=_ERRORS, tags=["recall"],
               summary=f"Top-k items for up to {settings.max_batch_users} users")

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     # one JSON access line per request (with request id and latency)
     access_log: bool = True
+    # answer well-formed POST /v1/recall without FastAPI's routing and dependency machinery (same
+    # parsing, model and answer; anything else still goes through FastAPI; see service/fastpath.py)
+    fast_path: bool = True
     # FastAPI's native OpenTelemetry traces/metrics/logs, through the globally configured providers
     # (opentelemetry-sdk and an exporter are yours to install and configure)
     otel: bool = False
