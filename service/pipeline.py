@@ -230,7 +230,7 @@ def resolve(bundle: ServingBundle, q: RecallQuery, events: UserEvents | None) ->
         if events is not None:
             excl.extend(ev_fids)
             excl.extend(_map_ids(bundle, events.seen, "", None)[1])
-    exclude = np.unique(np.asarray(excl, dtype=np.int64))
+    exclude = np.asarray(sorted(set(excl)), dtype=np.int64)  # sorted unique (np.unique: ~15 us for 5 ids)
     return Resolved(bundle=bundle, k=q.k, fallback=fallback, user_id=uid,
                     features=profile or None, history=history, exclude=exclude, warnings=warnings)
 

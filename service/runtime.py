@@ -55,7 +55,8 @@ class Runtime:
                                                    settings.events_ttl_s, redis=self.redis)
                                    if client is not None else MemoryEventStore(settings.events_cap))
         # 0 threads: batches are computed on the event loop (see service.batching for why that is the default)
-        self.executor = (ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute")
+        self.executor = (ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute",
+                                            initializer=_compute_thread_init, initargs=(settings.torch_threads,))
                          if settings.compute_threads > 0 else None)
 
         def on_batch(n: int, dt: float) -> None:
@@ -252,6 +253,16 @@ class Runtime:
             return 503, doc
         doc["status"] = "degraded" if redis_state == "down" else "ready"
         return 200, doc
+
+
+def _compute_thread_init(threads: int) -> None:
+    """OpenMP's thread count is per calling thread: set in the main thread only, a FAISS search in a
+    compute thread runs with the default team (every core). In an experiment that moved only the
+    search into a thread, the server's CPU doubled (OpenMP workers spinning) for fewer answers."""
+    if threads:
+        from index.searcher import set_threads
+
+        set_threads(threads)
 
 
 def _resp_client(settings: Settings) -> RespClient | None:

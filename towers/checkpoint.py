@@ -64,14 +64,16 @@ class TwoTowerModel:
             out[s: s + len(vec)] = vec.float().cpu().numpy()
         return out
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def embed_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
                     histories: Sequence[Sequence[Any]] | None, batch_size: int = 8192) -> np.ndarray:
         """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
         if self.user_tower is None:
             raise RuntimeError("this model was loaded without its user tower")
-        self.user_tower.eval()
+        if self.user_tower.training:  # Module.eval() walks every submodule: ~0.2 ms per call
+            self.user_tower.eval()
         dev = _device_of(self.user_tower)
+        on_cpu = dev.type == "cpu"
         n = len(user_ids)
         out = np.empty((n, self.dim), dtype=np.float32)
         for s in range(0, n, batch_size):
@@ -83,7 +85,9 @@ class TwoTowerModel:
                 feats = features[s:e]
             batch = self.encoder.encode_users(user_ids[s:e], feats,
                                               histories[s:e] if histories is not None else None)
-            out[s:e] = self.user_tower({k: v.to(dev) for k, v in batch.items()}).float().cpu().numpy()
+            if not on_cpu:
+                batch = {k: v.to(dev) for k, v in batch.items()}
+            out[s:e] = self.user_tower(batch).float().cpu().numpy()
         return out
 
 

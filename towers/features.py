@@ -262,9 +262,11 @@ class FeatureEncoder:
         return out
 
     def history_rows(self, history: Sequence[Any]) -> np.ndarray:
-        rows = self.item_rows(history)
-        rows = rows[rows != PAD]
-        return rows[-self.history_len:]
+        get, row = self._item_row.get, self.item_row
+        # ids already in the catalogue's type (the service's case) skip normalisation
+        rows = [r for r in ((get(h, PAD) if type(h) is int and self.item_id_is_int else row(h)) for h in history)
+                if r != PAD]
+        return np.asarray(rows[-self.history_len:], dtype=np.int64)
 
     def encode_user_table(self, users: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Side features of every known user in user-row order (row 0 = unknown user), for
