@@ -13,8 +13,9 @@ shutting down, ...). Those are replayed into the normal stack with the body alre
 status codes, error bodies and OpenAPI documentation are FastAPI's, by construction. (A replayed
 request runs the handler a second time; it has no side effects but a cache read.)
 
-It sits inside ``RequestContextMiddleware``, so request ids, the body-size limit, metrics and the
-access log cover both paths alike.
+It sits inside ``RequestContextMiddleware`` and outside FastAPI's own middleware stack (see
+``service.app._API``), so request ids, the body-size limit, metrics and the access log cover both
+paths alike, and a fast answer skips FastAPI's error, telemetry and body-limit layers too.
 """
 
 from __future__ import annotations
