@@ -1,0 +1,90 @@
+"""The serving forward of the user tower (NumPy lookups and pooling) against the module itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.factories import make_world
+from towers.checkpoint import TwoTowerModel
+from towers.features import FeatureEncoder
+from towers.inference import UserTowerNumpy
+from towers.model import TowerConfig
+from towers.schema import FeatureSpec
+
+
+@pytest.fixture(scope="module")
+def world():
+    w = make_world(n_users=12, n_items=30, per_user=5)
+    langs = [("en",), ("en", "de"), (), ("fr", "de", "it")] * 3
+    w.users = w.users.assign(langs=langs[: len(w.users)])
+    w.user_features = [*w.user_features, FeatureSpec("langs", "multi")]
+    return w
+
+
+def _model(world, **kw) -> TwoTowerModel:
+    torch.manual_seed(0)
+    enc = FeatureEncoder.fit(world.users, world.items, world.user_features, world.item_features, history_len=6)
+    return TwoTowerModel.create(TowerConfig(dim=8, emb_dim=8, feature_dim=4, **kw), enc)
+
+
+def _requests(world):
+    users = ["1", "2", "3", "nobody", None, "4", "5"]
+    feats = [None, {"age": 30.0}, {"country": "zz-unknown", "langs": ("de",)}, {"langs": ()}, None,
+             {"age": None, "langs": ("en", "xx")}, None]
+    items = list(world.items.index)
+    hists = [items[:2], [], items[3:15], [items[0], 10_000_000], [items[4]], items[:1] * 9, []]
+    return users, feats, hists
+
+
+@pytest.mark.parametrize("kw", [
+    dict(model="youtubednn", hidden=(16,)),
+    dict(model="dssm", hidden=(16, 8), use_history=True, multi_pooling="sum"),
+    dict(model="youtubednn", hidden=(16,), dropout=0.3, use_user_id=False),
+    dict(model="dssm", hidden=(), use_user_features=False),
+])
+def test_numpy_forward_matches_the_module(world, kw) -> None:
+    m = _model(world, **kw)
+    users, feats, hists = _requests(world)
+    batch = m.encoder.encode_users(users, feats, hists)
+    ut = m.user_tower.eval()
+    with torch.no_grad():
+        want = ut(batch).numpy()
+    got = UserTowerNumpy(ut)(batch)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert got.dtype == np.float32 and got.shape == (len(users), 8)
+    # and what embed_users (which serving calls) returns, one user at a time or all together
+    np.testing.assert_allclose(m.embed_users(users, feats, hists), want, atol=1e-6)
+    one = np.vstack([m.embed_users([u], [f], [h]) for u, f, h in zip(users, feats, hists, strict=True)])
+    np.testing.assert_allclose(one, want, atol=1e-6)
+
+
+def test_the_numpy_forward_follows_training_updates_and_replaced_weights(world) -> None:
+    m = _model(world, model="youtubednn", hidden=(16,))
+    users, feats, hists = _requests(world)
+    before = m.embed_users(users, feats, hists)
+    ut = m.user_tower
+    opt = torch.optim.SGD(ut.parameters(), lr=0.5)
+    ut.train()
+    loss = ut(m.encoder.encode_users(users, feats, hists)).sum()
+    loss.backward()
+    opt.step()  # in place: the NumPy views see it
+    after = m.embed_users(users, feats, hists)
+    assert not np.allclose(after, before, atol=1e-4)
+    with torch.no_grad():
+        np.testing.assert_allclose(after, ut.eval()(m.encoder.encode_users(users, feats, hists)).numpy(), atol=1e-6)
+    # a parameter replaced by a new tensor (new storage): the twin is rebuilt, not read stale
+    with torch.no_grad():
+        ut.hist_emb.weight = torch.nn.Parameter(ut.hist_emb.weight * 2)
+        want = ut(m.encoder.encode_users(users, feats, hists)).numpy()
+    np.testing.assert_allclose(m.embed_users(users, feats, hists), want, atol=1e-6)
+
+
+def test_a_bag_of_only_padding_pools_to_zeros() -> None:
+    from towers.inference import _bag
+
+    table = np.arange(12, dtype=np.float32).reshape(4, 3) + 1  # row 0 is NOT zero: it must still be left out
+    idx = np.array([[0, 0], [2, 0], [1, 3]])
+    np.testing.assert_allclose(_bag(table, idx, mean=True), [[0, 0, 0], table[2], (table[1] + table[3]) / 2])
+    np.testing.assert_allclose(_bag(table, idx, mean=False), [[0, 0, 0], table[2], table[1] + table[3]])
