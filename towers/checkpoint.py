@@ -72,9 +72,9 @@ class TwoTowerModel:
         """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
         if self.user_tower is None:
             raise RuntimeError("this model was loaded without its user tower")
-        dev = _device_of(self.user_tower)
+        twin = self._numpy_user_tower()
+        dev = torch.device("cpu") if twin is not None else _device_of(self.user_tower)
         on_cpu = dev.type == "cpu"
-        twin = self._numpy_user_tower() if on_cpu else None
         if twin is None and self.user_tower.training:  # Module.eval() walks every submodule: ~0.2 ms
             self.user_tower.eval()
         n = len(user_ids)
@@ -98,11 +98,14 @@ class TwoTowerModel:
 
     def _numpy_user_tower(self) -> UserTowerNumpy | None:
         """The user tower's NumPy forward (towers.inference), built once and rebuilt if the module's
-        parameters moved; None when the tower has a layer it cannot mirror."""
+        parameters moved; None off the CPU or when the tower has a layer it cannot mirror."""
         assert self.user_tower is not None
         twin = self._user_np
         if twin is not None and twin.matches(self.user_tower):
             return twin
+        if _device_of(self.user_tower).type != "cpu":
+            self._user_np = None
+            return None
         try:
             self._user_np = UserTowerNumpy(self.user_tower)
         except ValueError:

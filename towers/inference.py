@@ -48,8 +48,10 @@ class UserTowerNumpy:
     def __init__(self, tower: UserTower) -> None:
         if next(tower.parameters()).device.type != "cpu":
             raise ValueError("the NumPy forward needs the tower on the CPU")
-        self._params = [p for p in tower.parameters()]
-        self._ptrs = self._pointers(tower)
+        self._tower = tower
+        # where each weight lives: (module, parameter name) -> storage address at build time
+        self._slots = [(mod, name) for mod in tower.modules() for name in mod._parameters]
+        self._ptrs = self._pointers()
         self.user = _view(tower.user_emb.weight) if tower.user_emb is not None else None
         self.hist = _view(tower.hist_emb.weight) if tower.hist_emb is not None else None
         feats = tower.features
@@ -71,13 +73,14 @@ class UserTowerNumpy:
             else:
                 raise ValueError(f"no NumPy twin for layer {type(m).__name__}")
 
-    @staticmethod
-    def _pointers(tower: UserTower) -> tuple[int, ...]:
-        return tuple(p.data_ptr() for p in tower.parameters())
+    def _pointers(self) -> tuple[int, ...]:
+        return tuple(-1 if (p := mod._parameters[name]) is None else p.data_ptr() for mod, name in self._slots)
 
     def matches(self, tower: UserTower) -> bool:
-        """True while this twin still views ``tower``'s parameter storage."""
-        return self._pointers(tower) == self._ptrs
+        """True while this twin still views ``tower``'s parameter storage: False after ``.to()`` or a
+        parameter replaced by a new tensor. (Checked per call, so it reads the recorded parameter
+        slots directly: walking ``tower.parameters()`` cost ~0.1 ms.)"""
+        return tower is self._tower and self._pointers() == self._ptrs
 
     def __call__(self, batch: dict[str, Any]) -> np.ndarray:
         get = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in batch.items()}
