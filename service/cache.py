@@ -144,6 +144,10 @@ class LocalCache:
         self.bytes = 0
 
 
+class _LeaderGone(Exception):
+    """The request computing a shared answer was cancelled before it had one."""
+
+
 class ResultCache:
     """``mode``: "redis" (L2 in Redis, optional L1), "memory" (no Redis configured: L1 is the cache,
     with the full TTL) or "off" (TTL 0)."""
@@ -260,12 +264,31 @@ class ResultCache:
             self._shared.inc()
             if on_wait is not None:
                 on_wait()
-            return (await asyncio.shield(fut)).body, False
+            try:
+                # shield: this caller's cancellation must not cancel the computation others wait on
+                return (await asyncio.shield(fut)).body, False
+            except _LeaderGone:  # the computing request was cancelled: compute it ourselves
+                return await self.get_or_compute(key, user, seq_key, local_seq, compute, on_wait)
         (self._miss if usable else self._bypass).inc()
-        task = asyncio.ensure_future(self._compute_and_store(key, flight, compute, usable, user, mark))
-        self._inflight[flight] = task
-        # shield: a client that disconnects must not cancel the computation others are waiting on
-        return (await asyncio.shield(task)).body, False
+        # This request computes, in its own task (no task of its own for the computation: one
+        # scheduling step less per miss); identical requests meanwhile wait on ``shared``.
+        shared: asyncio.Future[Computed] = asyncio.get_running_loop().create_future()
+        self._inflight[flight] = shared
+        try:
+            res = await compute()
+        except BaseException as exc:
+            self._inflight.pop(flight, None)
+            shared.set_exception(_LeaderGone() if isinstance(exc, asyncio.CancelledError) else exc)
+            shared.exception()  # marked retrieved: with no one waiting, asyncio must not log it
+            raise
+        written_later = False
+        if usable and res.cacheable:
+            self._fill_local(key, res.seq, res.body, user, mark)
+            written_later = self._store_behind(key, flight, res)
+        if not written_later:
+            self._inflight.pop(flight, None)
+        shared.set_result(res)
+        return res.body, False
 
     def _fill_local(self, key: str, seq: int | None, body: bytes, user: str | None, mark: int) -> None:
         if not self._local_ok(user):
@@ -274,19 +297,6 @@ class ResultCache:
             return  # an event for this user arrived while we were reading: the answer may be stale
         assert self.local is not None
         self.local.put(key, seq, body, user)
-
-    async def _compute_and_store(self, key: str, flight: str, compute: Callable[[], Awaitable[Computed]],
-                                 usable: bool, user: str | None, mark: int) -> Computed:
-        written_later = False
-        try:
-            res = await compute()
-            if usable and res.cacheable:
-                self._fill_local(key, res.seq, res.body, user, mark)
-                written_later = self._store_behind(key, flight, res)
-            return res
-        finally:
-            if not written_later:
-                self._inflight.pop(flight, None)
 
     def _store_behind(self, key: str, flight: str, res: Computed) -> bool:
         """Queue the Redis write of a fresh answer without making its request wait for it (on the

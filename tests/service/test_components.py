@@ -333,3 +333,37 @@ def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhil
         await g.close()
 
     asyncio.run(main())
+
+
+def test_a_cancelled_request_does_not_strand_the_identical_ones_waiting_on_it(redis_url, redis_prefix):
+    async def main() -> None:
+        g = _guard(redis_url)
+        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
+        calls = 0
+
+        async def compute() -> Computed:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.05)
+            return Computed(b'{"n":%d}' % calls, None)
+
+        key = cache.key("v1", b"shared")
+        leader = asyncio.create_task(cache.get_or_compute(key, None, None, None, compute))
+        await asyncio.sleep(0.01)
+        follower = asyncio.create_task(cache.get_or_compute(key, None, None, None, compute))
+        await asyncio.sleep(0.01)
+        leader.cancel()
+        body, cached = await asyncio.wait_for(follower, 2)
+        assert leader.cancelled() and body == b'{"n":2}' and cached is False  # computed again, by the follower
+        # and an error is shared like an answer: both identical requests see it
+        async def broken() -> Computed:
+            await asyncio.sleep(0.02)
+            raise ValueError("bad input")
+
+        other = cache.key("v1", b"broken")
+        res = await asyncio.gather(*(cache.get_or_compute(other, None, None, None, broken) for _ in range(3)),
+                                   return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in res)
+        await g.close()
+
+    asyncio.run(main())
