@@ -307,23 +307,23 @@ def choose_recipe(n_items: int, dim: int | None = None) -> Recipe:
     """Default recipe by catalogue size.
 
     Up to ~100k items exact search is both fastest to build and fast enough to query (100k x 64
-    floats is a 25 MB scan). Beyond that an IVF index with about 2 sqrt(N) lists (1M -> 2048):
-    k-means on a sample trains in seconds even on 2 cores (unlike HNSW, whose build is minutes at
-    1M), and the reindex recall gate moves nprobe to the smallest setting whose recall@100 clears
-    the floor. Twice sqrt(N) rather than sqrt(N): shorter lists mean fewer vectors scanned for the
-    same recall (1M x 64, random 5-item histories: IVF1024 at nprobe 8 scanned 0.14 ms per query
-    for recall 0.982, IVF2048 0.10 ms for 0.993), for ~4 s more k-means at 1M. FAISS's own guide
-    suggests 4-16 sqrt(N), which costs minutes of training on 2 cores.
+    floats is a 25 MB scan). Beyond that an IVF index with about sqrt(N) lists: k-means on a
+    sample trains in seconds even on 2 cores (unlike HNSW, whose build is minutes at 1M), and the
+    reindex recall gate moves nprobe to the smallest setting whose recall@100 clears the floor.
 
-    The lists hold float16 codes (SQfp16): an IVF scan is memory-bound (nprobe 8 of 1024 lists at
-    1M x 64 reads 2 MB of float32 per query), so half the bytes is close to half the search time
-    (0.32 -> 0.16 ms per query measured at nprobe 8), and float16 keeps 3 significant digits of a
-    cosine: recall@100 against exact search was unchanged at every nprobe we measured
-    (benchmarks/index.py). SQ8 is smaller still but costs recall.
+    The lists hold float16 codes (SQfp16): an IVF scan is memory-bound, and float16 halves the
+    bytes per scanned vector while keeping 3 significant digits of a cosine. Measured at 1M x 64
+    (benchmarks/index.py and the serving benchmark's vectors): 1.2-2x faster than IVF1024,Flat at
+    the same nprobe with the same recall@100. SQ8 is smaller still but costs recall.
+
+    Why not more lists (FAISS's guide suggests 4-16 sqrt(N)): IVF2048 scanned less for the same
+    recall on tightly clustered vectors (0.10 vs 0.14 ms per query at recall 0.99), but not on
+    broad clusters (benchmarks/index.py: equal or slower at equal recall), and its k-means doubled
+    the reindex job's CPU time at 1M (80 s against a 60 s wall-time target on 2 cores).
     """
     if n_items <= EXACT_MAX_ITEMS:
         return Recipe("Flat")
-    nlist = 1 << int(round(math.log2(2 * math.sqrt(n_items))))  # 1M -> 2048, 4M -> 4096
+    nlist = 1 << int(round(math.log2(math.sqrt(n_items))))  # 1M -> 1024, 4M -> 2048
     nlist = max(256, min(nlist, 16384))
     return Recipe(f"IVF{nlist},SQfp16", nprobe=max(8, nlist // 32))
 

@@ -132,7 +132,7 @@ def test_choose_recipe_is_exact_for_small_catalogues_and_ivf_for_large() -> None
     assert choose_recipe(1_000).factory == "Flat"
     assert choose_recipe(100_000).kind == "flat"
     big = choose_recipe(1_000_000)
-    assert big.kind == "ivf" and big.factory == "IVF2048,SQfp16" and big.nprobe
+    assert big.kind == "ivf" and big.factory == "IVF1024,SQfp16" and big.nprobe
 
 
 def test_recall_at_k() -> None:
