@@ -42,7 +42,55 @@ def run_serve(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         raise ValueError(f"invalid setting TT_{str(first['loc'][0]).upper()}: {first['msg']}") from None
     configure_logging(settings.log_level)
+    if settings.hugepages:
+        _reexec_with_huge_pages()
     uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_config=None, access_log=False, proxy_headers=False,
                 timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on")
     return 0
+
+
+_TUNABLE = "glibc.malloc.hugetlb=1"
+_REEXEC_MARK = "TT_HUGEPAGES_REEXEC"
+
+
+def _reexec_with_huge_pages() -> None:
+    """Start this process again with glibc's malloc asking for transparent huge pages on its large
+    allocations (the embedding tables and item arrays of a bundle, hundreds of MB read at random
+    rows). With 4 KiB pages every such row is a TLB miss, and on a VM a TLB miss walks two page
+    tables; measured on the 2-core benchmark VM (uncached recalls, 1M items): 11% more answers
+    per second on average over five interleaved pairs of runs (-3% to +27%).
+
+    glibc reads the tunable only at process start, hence the re-exec (same pid, same arguments).
+    Nothing happens off Linux, before glibc 2.35, when THP is off ("never") or already on for all
+    memory ("always"), or when GLIBC_TUNABLES already says what to do.
+    """
+    import logging
+    import platform
+    import sys
+
+    log = logging.getLogger(__name__)
+    if not sys.platform.startswith("linux") or os.environ.get(_REEXEC_MARK):
+        return
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return
+    lib, version = platform.libc_ver()
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        return
+    if lib != "glibc" or (major, minor) < (2, 35):
+        return
+    try:
+        thp = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return
+    if "[madvise]" not in thp:
+        return
+    env = dict(os.environ, GLIBC_TUNABLES=f"{tunables}:{_TUNABLE}" if tunables else _TUNABLE, **{_REEXEC_MARK: "1"})
+    log.info("restarting with GLIBC_TUNABLES=%s (transparent huge pages for large arrays; TT_HUGEPAGES=false "
+             "turns this off)", env["GLIBC_TUNABLES"])
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)

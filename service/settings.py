@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # (opentelemetry-sdk and an exporter are yours to install and configure)
     otel: bool = False
     workers: int = Field(default=1, ge=1)
+    # `twotower serve` restarts itself once with glibc's malloc asking for transparent huge pages for
+    # large allocations (Linux, glibc >= 2.35, THP in "madvise" mode); see service/cli.py
+    hugepages: bool = True
     # seconds uvicorn waits for in-flight requests on SIGTERM
     graceful_timeout_s: float = Field(default=10.0, ge=0)
 

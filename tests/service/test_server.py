@@ -168,3 +168,39 @@ def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(trained, fr
     assert isinstance(refused, httpx.ConnectError), f"a new connection during shutdown was not refused: {refused!r}"
     logs = srv.log_lines()
     assert not any(r.get("level") == "ERROR" for r in logs), [r for r in logs if r.get("level") == "ERROR"][:3]
+
+
+def _thp_madvise() -> bool:
+    import platform
+
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    lib, version = platform.libc_ver()
+    return "[madvise]" in thp and lib == "glibc" and tuple(int(x) for x in version.split(".")[:2]) >= (2, 35)
+
+
+@pytest.mark.skipif(not _thp_madvise(), reason="needs Linux, glibc >= 2.35 and THP in madvise mode")
+def test_serve_restarts_itself_onto_huge_pages_unless_told_not_to(trained, free_port, redis_url, redis_prefix,
+                                                                   tmp_path):
+    def environ(pid: int) -> dict[str, str]:
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(kv.decode().split("=", 1) for kv in raw if b"=" in kv)
+
+    srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "on.log")
+    try:
+        env = environ(srv.proc.pid)  # the same process (exec keeps the pid), now with the tunable
+        assert "glibc.malloc.hugetlb=1" in env.get("GLIBC_TUNABLES", "")
+        assert httpx.post(f"{srv.url}/v1/recall", json={"k": 3}).status_code == 200
+        assert any("GLIBC_TUNABLES" in line.get("msg", "") for line in srv.log_lines())
+    finally:
+        srv.proc.terminate()
+        srv.proc.wait(timeout=20)
+    off = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "off.log", TT_HUGEPAGES="false")
+    try:
+        assert "glibc.malloc.hugetlb" not in environ(off.proc.pid).get("GLIBC_TUNABLES", "")
+        assert httpx.post(f"{off.url}/v1/recall", json={"k": 3}).status_code == 200
+    finally:
+        off.proc.terminate()
+        off.proc.wait(timeout=20)
