@@ -298,6 +298,23 @@ def _not_excluded(fids: np.ndarray, exclude: np.ndarray) -> np.ndarray:
     return exclude[pos] != fids
 
 
+def _kept(fids: np.ndarray, excludes: Sequence[np.ndarray]) -> np.ndarray:
+    """(B, F) mask of search results to keep: real results (id >= 0) not excluded for their row.
+    Few exclusions (the usual: a short history) are compared for the whole batch at once."""
+    keep = fids >= 0
+    widest = max((len(e) for e in excludes), default=0)
+    if 0 < widest <= 32:
+        table = np.full((len(excludes), widest), -2, dtype=np.int64)  # -2 matches no id
+        for j, e in enumerate(excludes):
+            table[j, : len(e)] = e
+        keep &= (fids[:, :, None] != table[:, None, :]).all(axis=2)  # (B, F, E) comparisons
+    elif widest:
+        for j, e in enumerate(excludes):
+            if len(e):
+                keep[j] &= _not_excluded(fids[j], e)
+    return keep
+
+
 def _popular(r: Resolved) -> bytes:
     b = r.bundle
     need = r.k + len(r.exclude)
@@ -326,13 +343,10 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
                                     [r.history for r in rs])  # (B, D) float32, L2-normalised
         fetch = min(b.n_items, max(r.k + min(len(r.exclude), MAX_OVERFETCH) for r in rs))
         scores, fids = b.searcher.search(np.ascontiguousarray(users, dtype=np.float32), fetch)  # (B, fetch)
+        keep = _kept(fids, [r.exclude for r in rs])  # (B, fetch)
         for j, (i, r) in enumerate(zip(tower, rs, strict=True)):
-            s, f = scores[j], fids[j]
-            keep = f >= 0
-            if len(r.exclude):
-                keep &= _not_excluded(f, r.exclude)
-            s, f = s[keep][: r.k], f[keep][: r.k]
-            out[i] = render(b.id_map.to_items(f), s, b, warnings=r.warnings)
+            idx = np.flatnonzero(keep[j])[: r.k]
+            out[i] = render(b.id_map.to_items(fids[j, idx]), scores[j, idx], b, warnings=r.warnings)
     return [o if o is not None else b"" for o in out]
 
 
