@@ -77,19 +77,10 @@ class ServingBundle:
         """feature name -> kind, for validating inline features."""
         return {s.name: s.kind for s in self.model.encoder.user_features}
 
-    def fid(self, item_id: Any) -> int | None:
-        """FAISS id of a wire item id, None when it is not in this bundle's catalogue."""
-        try:
-            return self.id_map.faiss_id_of(item_id)
-        except (KeyError, ValueError, TypeError):
-            return None
-
     def parse_item(self, item_id: Any) -> ItemId | None:
-        try:
-            v = self.id_map.parse(item_id)
-        except (ValueError, TypeError):
-            return None
-        return v if v in self.id_map else None
+        """A wire item id in the catalogue's type, None when it is not in this bundle's catalogue."""
+        hit = self.id_map.lookup(item_id)
+        return hit[0] if hit is not None else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,16 +255,7 @@ def render(ids: Sequence[ItemId], scores: Sequence[float] | np.ndarray, bundle: 
     the single format call ~30 us. Scores carry 6 decimals (float32 holds ~7 significant digits).
     Integer ids need no escaping; string ids go through the C JSON string encoder.
     """
-    sc = np.asarray(scores, dtype=np.float64)
-    if len(ids) != len(sc):
-        raise ValueError(f"{len(ids)} ids for {len(sc)} scores")
-    if not np.isfinite(sc).all():
-        raise ValueError("non-finite score in an answer")
-    str_ids = bool(ids) and isinstance(ids[0], str)
-    flat: list[Any] = [None] * (2 * len(ids))
-    flat[::2] = [_json_str(str(i)) for i in ids] if str_ids else ids
-    flat[1::2] = sc.tolist()
-    items = _items_template(str_ids, len(ids)) % tuple(flat) if ids else ""
+    items = _items_json(ids, scores)
     if fallback or warnings:
         tail: dict[str, Any] = {"model_version": bundle.model_version, "index_version": bundle.index_version}
         if fallback:
@@ -284,6 +266,22 @@ def render(ids: Sequence[ItemId], scores: Sequence[float] | np.ndarray, bundle: 
     else:
         rest = bundle.versions_json  # the common tail, encoded once per bundle
     return f'{{"items":[{items}],{rest}'.encode()
+
+
+def _items_json(ids: Sequence[ItemId], scores: Sequence[float] | np.ndarray) -> str:
+    """The inside of an answer's "items" array: '{"item_id":7,"score":0.812345},...'."""
+    sc = np.asarray(scores, dtype=np.float64)
+    if len(ids) != len(sc):
+        raise ValueError(f"{len(ids)} ids for {len(sc)} scores")
+    if not np.isfinite(sc).all():
+        raise ValueError("non-finite score in an answer")
+    if not ids:
+        return ""
+    str_ids = isinstance(ids[0], str)
+    flat: list[Any] = [None] * (2 * len(ids))
+    flat[::2] = [_json_str(str(i)) for i in ids] if str_ids else ids
+    flat[1::2] = sc.tolist()
+    return _items_template(str_ids, len(ids)) % tuple(flat)
 
 
 def with_cached(body: bytes, cached: bool) -> bytes:
@@ -350,19 +348,8 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
     return [o if o is not None else b"" for o in out]
 
 
-def _rounded(scores: Any) -> list[float]:
-    out = np.round(np.asarray(scores, dtype=np.float64), 6)
-    if not np.isfinite(out).all():
-        raise ValueError("non-finite score in an answer")
-    return out.tolist()
-
-
 def compute_similar(b: ServingBundle, item_id: ItemId, k: int) -> bytes:
+    """The similar-items answer without "cached", its item list written as a recall's is."""
     scores, items = b.similar(item_id, k)
-    doc = {
-        "item_id": item_id,
-        "items": [{"item_id": i, "score": s} for i, s in zip(items, _rounded(scores), strict=True)],
-        "model_version": b.model_version,
-        "index_version": b.index_version,
-    }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    head = json.dumps({"item_id": item_id}, separators=(",", ":"))[:-1]
+    return f'{head},"items":[{_items_json(items, scores)}],{b.versions_json}'.encode()

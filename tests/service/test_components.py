@@ -20,10 +20,15 @@ def _guard(url: str, retry_s: float = 0.3) -> RedisGuard:
     return RedisGuard(make_client(url, 0.25), retry_s=retry_s, retry_max_s=1.0)
 
 
+def _cache(url: str, prefix: str, **kw: float) -> tuple[RedisGuard, ResultCache]:
+    """A breaker over the test Redis and a result cache (TTL 60 s) in front of it."""
+    g = _guard(url)
+    return g, ResultCache(guard=g, prefix=prefix, ttl_s=60, metrics=Metrics.create(), **kw)
+
+
 def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_version(redis_url, redis_prefix, redis_client):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
+        g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
         calls = []
 
         async def compute() -> Computed:
@@ -45,8 +50,7 @@ def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_versio
 
 def test_an_event_invalidates_that_users_cached_answer(redis_url, redis_prefix):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        g, cache = _cache(redis_url, redis_prefix)
         events = RedisEventStore(g, redis_prefix, cap=10, ttl_s=60)
         n = 0
 
@@ -70,8 +74,7 @@ def test_an_event_invalidates_that_users_cached_answer(redis_url, redis_prefix):
 
 def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redis_url, redis_prefix, redis_client):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=5)
+        g, cache = _cache(redis_url, redis_prefix, local_ttl_s=5)
         n = 0
 
         async def compute() -> Computed:
@@ -118,8 +121,7 @@ def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redi
 
 def test_identical_concurrent_misses_are_computed_once(redis_url, redis_prefix):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create())
+        g, cache = _cache(redis_url, redis_prefix)
         calls = 0
 
         async def compute() -> Computed:
@@ -314,8 +316,7 @@ def test_batches_run_on_the_event_loop_without_an_executor():
 def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhile(redis_url, redis_prefix,
                                                                                 redis_client):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
+        g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
         calls = 0
 
         async def compute() -> Computed:
@@ -337,8 +338,7 @@ def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhil
 
 def test_a_cancelled_request_does_not_strand_the_identical_ones_waiting_on_it(redis_url, redis_prefix):
     async def main() -> None:
-        g = _guard(redis_url)
-        cache = ResultCache(guard=g, prefix=redis_prefix, ttl_s=60, metrics=Metrics.create(), local_ttl_s=0)
+        g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
         calls = 0
 
         async def compute() -> Computed:
