@@ -20,6 +20,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from service.resp import RespClient
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -148,7 +150,7 @@ class RedisCoalescer:
     Transport: the pipelining ``RespClient`` (service.resp) when given, else a redis-py pipeline.
     """
 
-    def __init__(self, guard: RedisGuard, resp: Any = None) -> None:
+    def __init__(self, guard: RedisGuard, resp: RespClient | None = None) -> None:
         self.guard, self.resp = guard, resp
         # per op: its commands and whether it is a MULTI/EXEC block (result = the EXEC reply)
         self._ops: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[Any]]] = []
@@ -191,6 +193,7 @@ class RedisCoalescer:
         resp = self.resp
 
         async def via_resp(_client: Any) -> list[Any]:
+            assert resp is not None
             return list(await resp.execute(cmds))
 
         async def via_redis_py(r: aioredis.Redis) -> list[Any]:
