@@ -207,6 +207,11 @@ def start_service(artifacts: Path, port: int, redis_url: str, prefix: str, micro
     proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve"], env=env, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     wait_ready(f"http://127.0.0.1:{port}/readyz", proc)
+    deadline = time.monotonic() + 300
+    while workers > 1 and f"{workers} of {workers} ready" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"not every worker became ready; see {log}")
+        time.sleep(0.2)
     return proc
 
 
@@ -493,7 +498,8 @@ def write_report(out: Path, results: list[Result], meta: dict[str, Any]) -> None
               "Micro-batches leave as soon as no announced request is on its way (no fixed wait) and are "
               "computed on the event loop itself (`TT_COMPUTE_THREADS=0`), which cost less CPU per request than "
               "handing batches to a thread that competes for the GIL. One process keeps one core busy; with 2 "
-              "workers the second core serves too, at the price of half-size micro-batches.", ""]
+              "workers the second core serves too, at the price of half-size micro-batches (the service's "
+              "supervisor hands each connection to the worker with the fewest, so each gets half of them).", ""]
     out.write_text("\n".join(line for line in lines if line is not None))
 
 

@@ -1,4 +1,4 @@
-"""`twotower serve`: run the recall service with uvicorn.
+"""`twotower serve`: run the recall service with uvicorn (several workers: service.balancer).
 
 Flags override the matching ``TT_*`` variables; they are exported to the environment (not passed
 as objects) because uvicorn re-imports the app in every worker process, and each worker builds its
@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port (TT_PORT, default 8000)")
     p.add_argument("--artifacts", help="artifacts directory holding bundles/ (TT_ARTIFACTS, default ./artifacts)")
     p.add_argument("--redis-url", help='Redis URL, "" for none (TT_REDIS_URL)')
-    p.add_argument("--workers", type=int, help="uvicorn worker processes (TT_WORKERS, default 1)")
+    p.add_argument("--workers", type=int, help="worker processes (TT_WORKERS, default 1); with more than one, a "
+                                              "supervisor hands each connection to the least busy worker")
     p.set_defaults(handler=run_serve)
 
 
@@ -44,6 +45,10 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     if settings.hugepages:
         _reexec_with_huge_pages()
+    if settings.workers > 1:  # connection-balanced workers (see service.balancer for why not uvicorn's)
+        from service.balancer import serve
+
+        return serve(settings.host, settings.port, settings.workers, settings.graceful_timeout_s)
     uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_config=None, access_log=False, proxy_headers=False,
                 timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on")

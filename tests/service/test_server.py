@@ -1,5 +1,6 @@
 """End to end through a real uvicorn process: train on synthetic data, reindex, serve, recall, post an
-event, see the next recall change, reindex again, see the new version served; then SIGTERM under load."""
+event, see the next recall change, reindex again, see the new version served; then SIGTERM under load,
+and several workers sharing a burst of keep-alive connections evenly."""
 
 from __future__ import annotations
 
@@ -204,3 +205,96 @@ def test_serve_restarts_itself_onto_huge_pages_unless_told_not_to(trained, free_
     finally:
         off.proc.terminate()
         off.proc.wait(timeout=20)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d.name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return kids
+
+
+def _established_on(port: int, pid: int) -> int:
+    """Established TCP connections to local ``port`` whose socket ``pid`` holds (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if f[3] == "01" and int(f[1].split(":")[1], 16) == port and f[9] in inodes:
+            n += 1
+    return n
+
+
+def _wait_log(srv: Server, text: str, count: int = 1, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(text in r.get("msg", "") for r in srv.log_lines()) < count:
+        assert srv.proc.poll() is None, f"server exited: {srv.log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"never logged {text!r} x{count}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads connections from Linux's /proc")
+def test_workers_get_keepalive_connections_evenly_and_a_dead_one_is_replaced(trained, free_port, redis_url,
+                                                                             redis_prefix, tmp_path):
+    import http.client
+
+    srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log", TT_WORKERS="2")
+    conns: list[http.client.HTTPConnection] = []
+    fresh: list[int] = []
+    try:
+        _wait_log(srv, "2 of 2 ready")
+        workers = _children(srv.proc.pid)
+        assert len(workers) == 2, workers
+        # a client pool opening its keep-alive connections in a burst, as wrk or a sidecar does
+        for _ in range(8):
+            c = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
+            c.request("POST", "/v1/recall", body=json.dumps({"k": 3}), headers={"Content-Type": "application/json"})
+            r = c.getresponse()
+            assert r.status == 200 and json.loads(r.read())["items"]
+            conns.append(c)
+        split = sorted(_established_on(free_port, pid) for pid in workers)
+        assert split == [4, 4], f"connections per worker: {split}"
+        # closed connections are given back: the next burst is balanced again
+        for c in conns[:6]:
+            c.close()
+        conns = conns[6:]
+        time.sleep(0.3)
+        for _ in range(4):
+            c = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
+            c.request("GET", "/healthz")
+            assert c.getresponse().status == 200
+            conns.append(c)
+        assert sorted(_established_on(free_port, pid) for pid in workers) == [3, 3]
+
+        # a worker killed outright: the other keeps answering, and a new one takes its place
+        os.kill(workers[0], signal.SIGKILL)
+        for _ in range(10):
+            assert httpx.post(f"{srv.url}/v1/recall", json={"k": 3}, timeout=10).status_code == 200
+        _wait_log(srv, "starting another")
+        _wait_log(srv, "2 of 2 ready", count=2)
+        fresh = _children(srv.proc.pid)
+        assert len(fresh) == 2 and workers[0] not in fresh and workers[1] in fresh, (workers, fresh)
+    finally:
+        for c in conns:
+            c.close()
+        srv.proc.send_signal(signal.SIGTERM)
+        try:
+            code = srv.proc.wait(timeout=30)
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+    assert code == 0
+    assert fresh and not [p for p in fresh if Path(f"/proc/{p}").exists()], "workers outlived the supervisor"
+    assert "all workers stopped" in srv.log.read_text()
