@@ -1,6 +1,6 @@
 """Soak: a real server under a fixed concurrency for a fixed time; no errors, bounded memory.
 
-    python benchmarks/soak.py --seconds 60 --concurrency 32 [--json out.json]
+    python benchmarks/soak.py --seconds 60 --concurrency 32 [--workers 2] [--json out.json]
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 1234 ...   (an already running server)
 
 Without ``--url`` it builds everything itself in a temporary directory and removes it afterwards:
@@ -68,21 +68,48 @@ def request_mix(seed: int = 0, n_users: int = N_USERS, n_items: int = N_ITEMS):
     return make
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (the workers under a ``TT_WORKERS`` > 1 supervisor)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parent.items() if p in frontier and c not in tree]
+        tree += frontier
+    return tree
+
+
+def _summed(fn: Any, pid: int) -> Any:
+    total = 0
+    for p in _tree(pid):
+        try:
+            total += fn(p)
+        except (OSError, RuntimeError):  # exited between listing and reading
+            continue
+    return total
+
+
 def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float = 5.0,
          seed: int = 0) -> dict[str, Any]:
-    """Warm up, take RSS, hold the load for ``seconds``, take RSS again. Returns the figures."""
+    """Warm up, take RSS, hold the load for ``seconds``, take RSS again. Returns the figures (memory
+    and CPU of the server process and its workers together)."""
     make = request_mix(seed)
     warm = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=warmup, keep=False).run()
-    rss_start = rss_kib(pid)
-    cpu_start = cpu_seconds(pid)
+    rss_start = _summed(rss_kib, pid)
+    cpu_start = _summed(cpu_seconds, pid)
     samples: list[int] = []
     load = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=seconds, keep=False).start()
     while load.running:  # sample memory while the load runs
-        samples.append(rss_kib(pid))
+        samples.append(_summed(rss_kib, pid))
         time.sleep(0.5)
     load.join()
-    rss_end = rss_kib(pid)
-    cpu = cpu_seconds(pid) - cpu_start
+    rss_end = _summed(rss_kib, pid)
+    cpu = _summed(cpu_seconds, pid) - cpu_start
     s = load.summary()
     growth = (rss_end - rss_start) / rss_start
     return {
@@ -126,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="soak a running server instead of starting one (needs --pid)")
     p.add_argument("--pid", type=int, help="pid of that server (for its memory)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="TT_WORKERS of the server it starts (default 1)")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
     if (args.url is None) != (args.pid is None):
@@ -146,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
                 stack.callback(redis.kill)
                 redis_url = redis.url
             srv = ServerProc(art, root / "server.log", redis_url=redis_url, prefix="tt-soak",
-                             env={"TT_LOG_LEVEL": "WARNING", "TT_RELOAD_POLL_S": "5"})
+                             env={"TT_LOG_LEVEL": "WARNING", "TT_RELOAD_POLL_S": "5", "TT_WORKERS": str(args.workers)})
             srv.start()
             stack.callback(srv.stop)
             url, pid = srv.url, srv.pid
-            setup = {"setup_s": round(time.monotonic() - t0, 1), "redis": redis_url or "none (in-process cache)"}
+            setup = {"setup_s": round(time.monotonic() - t0, 1), "redis": redis_url or "none (in-process cache)",
+                     "workers": args.workers}
         res = soak(url, pid, seconds=args.seconds, concurrency=args.concurrency, warmup=args.warmup, seed=args.seed)
         res.update(setup)
         if args.url is None:
