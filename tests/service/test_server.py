@@ -246,7 +246,7 @@ def _wait_log(srv: Server, text: str, count: int = 1, timeout: float = 60) -> No
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads connections from Linux's /proc")
-def test_workers_get_keepalive_connections_evenly_and_a_dead_one_is_replaced(trained, free_port, redis_url,
+def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_is_replaced(trained, free_port, redis_url,
                                                                              redis_prefix, tmp_path):
     import http.client
 
@@ -274,9 +274,27 @@ def test_workers_get_keepalive_connections_evenly_and_a_dead_one_is_replaced(tra
         for _ in range(4):
             c = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
             c.request("GET", "/healthz")
-            assert c.getresponse().status == 200
+            r = c.getresponse()
+            assert r.status == 200 and r.read()
             conns.append(c)
         assert sorted(_established_on(free_port, pid) for pid in workers) == [3, 3]
+
+        # a new bundle reaches every worker: all six connections (three on each) end up on it
+        from index.reindex import ReindexConfig
+        from index.reindex import run as reindex
+
+        def version(c: http.client.HTTPConnection) -> str:
+            c.request("POST", "/v1/recall", body=b'{"k": 3}', headers={"Content-Type": "application/json"})
+            return str(json.loads(c.getresponse().read())["index_version"])
+
+        before = {version(c) for c in conns}
+        reindex(ReindexConfig(artifacts=trained, n_eval_users=50, threads=2))
+        published = (trained / "bundles" / "CURRENT").read_text().strip()
+        assert len(before) == 1 and published not in before, (before, published)
+        deadline = time.monotonic() + 30
+        while (seen := {version(c) for c in conns}) != {published}:
+            assert time.monotonic() < deadline, f"workers still serve {seen}, published {published}"
+            time.sleep(0.2)
 
         # a worker killed outright: the other keeps answering, and a new one takes its place
         os.kill(workers[0], signal.SIGKILL)
