@@ -246,8 +246,8 @@ def _wait_log(srv: Server, text: str, count: int = 1, timeout: float = 60) -> No
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads connections from Linux's /proc")
-def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_is_replaced(trained, free_port, redis_url,
-                                                                             redis_prefix, tmp_path):
+def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_is_replaced(
+        trained, free_port, redis_url, redis_prefix, tmp_path):
     import http.client
 
     srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log", TT_WORKERS="2")
