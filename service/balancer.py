@@ -16,7 +16,8 @@ ordinary ``uvicorn.Server`` with no listening socket of its own, adopts it with
 done and ``x`` for every connection it closes. Once accepted, bytes go straight between client and
 worker: the supervisor is not on the request path.
 
-Lifecycle: a worker that exits is restarted; one that exits before it ever became ready is a startup
+Lifecycle: while no worker is ready (at start, or when all have died) nothing is accepted, so new
+connections wait in the listen backlog for the next ready worker. A worker that exits is restarted; one that exits before it ever became ready is a startup
 failure (bad settings, no bundle loader...), and the supervisor stops everything and exits with its
 code rather than restart it forever. SIGTERM/SIGINT: stop accepting, pass SIGTERM to the workers
 (each finishes its in-flight requests, ``TT_GRACEFUL_TIMEOUT_S``), kill what is left after that.
@@ -135,30 +136,37 @@ def worker_main(fd: int) -> int:
 # the supervisor side
 
 
+WORKER_CMD = (sys.executable, "-m", "service.balancer")  # + the descriptor number of its end of the pair
+
+
 class _Worker:
-    def __init__(self, slot: int) -> None:
+    def __init__(self, slot: int, cmd: tuple[str, ...]) -> None:
         self.slot = slot
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.balancer", str(child.fileno())],
-                                     pass_fds=(child.fileno(),))
+        self.proc = subprocess.Popen([*cmd, str(child.fileno())], pass_fds=(child.fileno(),))
         child.close()
         parent.setblocking(False)
         self.chan = parent
-        self.ready = False
+        self.ready = False  # takes connections now
+        self.started = False  # finished its startup at some point (so an exit is a crash, not a failed start)
         self.open = 0  # connections handed over and not reported closed
 
     def handoff(self, conn: socket.socket) -> bool:
         try:
             socket.send_fds(self.chan, [_CONN], [conn.fileno()])
-        except OSError:
+        except BlockingIOError:  # thousands of handovers it has not read yet: try another worker
+            return False
+        except OSError:  # its end is closed: it is exiting, and _reap will restart it
+            self.ready = False
             return False
         self.open += 1
         return True
 
 
 class Supervisor:
-    def __init__(self, host: str, port: int, workers: int, graceful_timeout_s: float, backlog: int = 2048) -> None:
-        self.n, self.graceful = workers, graceful_timeout_s
+    def __init__(self, host: str, port: int, workers: int, graceful_timeout_s: float, backlog: int = 2048,
+                 worker_cmd: tuple[str, ...] = WORKER_CMD) -> None:
+        self.n, self.graceful, self.worker_cmd = workers, graceful_timeout_s, worker_cmd
         self.listener = socket.create_server((host, port), backlog=backlog,
                                              family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.listener.setblocking(False)
@@ -170,8 +178,7 @@ class Supervisor:
 
     # -- main loop
     def run(self) -> int:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         host, port = self.listener.getsockname()[:2]
         log.info("balancing connections over %d workers on %s:%d", self.n, host, port)
         for slot in range(self.n):
@@ -186,19 +193,27 @@ class Supervisor:
                 self._reap()
         finally:
             self._stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return self.exit_code
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stopping = True
 
     def _spawn(self, slot: int) -> None:
-        w = _Worker(slot)
+        w = _Worker(slot, self.worker_cmd)
         self.workers[slot] = w
         self.sel.register(w.chan, selectors.EVENT_READ, w)
         log.info("worker %d started (pid %d)", slot, w.proc.pid)
 
     def _accept(self) -> None:
         for _ in range(64):
+            if not any(w.ready for w in self.workers.values()):
+                # every worker is gone or (re)starting: leave connections queued in the backlog, to
+                # be handed over once one is ready, rather than accept and drop them
+                self.sel.unregister(self.listener)
+                self._accepting = False
+                return
             try:
                 conn, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -210,7 +225,7 @@ class Supervisor:
                 for w in sorted((w for w in self.workers.values() if w.ready), key=lambda w: w.open):
                     if w.handoff(conn):
                         break
-                # no worker took it: closing it tells the client at once rather than leaving it hanging
+                # none took it (each was exiting or full): closing it tells the client at once
 
     def _hear(self, w: _Worker) -> None:
         try:
@@ -221,10 +236,11 @@ class Supervisor:
             data = b""
         if not data:
             self.sel.unregister(w.chan)  # its process is exiting; _reap restarts it
+            w.ready = False
             return
         for b in data:
             if b == _READY[0]:
-                w.ready = True
+                w.ready = w.started = True
                 ready = sum(x.ready for x in self.workers.values())
                 log.info("worker %d ready (pid %d); %d of %d ready", w.slot, w.proc.pid, ready, self.n)
                 if not self._accepting:
@@ -246,7 +262,7 @@ class Supervisor:
             del self.workers[slot]
             if self.stopping:
                 continue
-            if not w.ready:
+            if not w.started:
                 log.error("worker %d (pid %d) exited with code %d before it was ready; stopping", slot, w.proc.pid, code)
                 self.exit_code = code or 1
                 self.stopping = True

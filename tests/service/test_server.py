@@ -304,6 +304,14 @@ def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_i
         _wait_log(srv, "2 of 2 ready", count=2)
         fresh = _children(srv.proc.pid)
         assert len(fresh) == 2 and workers[0] not in fresh and workers[1] in fresh, (workers, fresh)
+
+        # both at once: a request sent while no worker is up waits in the backlog for the next one
+        for pid in fresh:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        assert httpx.post(f"{srv.url}/v1/recall", json={"k": 3}, timeout=60).status_code == 200
+        _wait_log(srv, "2 of 2 ready", count=3)
+        fresh = _children(srv.proc.pid)
     finally:
         for c in conns:
             c.close()
