@@ -14,10 +14,11 @@ clustered by topic the way trained ones are, so the IVF index behaves as it woul
 
 Load driver: wrk (C, one thread) when installed, else a raw-socket asyncio driver. Either way it
 runs on the same machine as the servers. It is pinned to one CPU (``--driver-cpu``, by default the
-last one when there are at least 2): on a 2-core machine an unpinned driver keeps landing on the core
-a server is using, and the server's p99 then measures the driver's time slices as much as its own
-work. The servers themselves are not pinned. One uncached row per concurrency runs with the driver
-unpinned, so the report shows what pinning changes.
+last one when there are at least 2), so that it cannot land on the core a server is using and
+share its time slices with it. The servers themselves are not pinned. One uncached row per
+concurrency runs with the driver unpinned, so the report shows what pinning changes; that has
+varied from nothing (the two rows within 1%) to ~3 ms of p99 at concurrency 8. What moves p99 far
+more on the reference VM is CPU steal, which every row reports.
 
     python benchmarks/serve.py                       # 1M items, concurrency 8 and 32, 10 s each
     python benchmarks/serve.py --items 100000 --duration 5 --concurrency 8
