@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -26,20 +27,30 @@ def _cache(url: str, prefix: str, **kw: float) -> tuple[RedisGuard, ResultCache]
     return g, ResultCache(guard=g, prefix=prefix, ttl_s=60, metrics=Metrics.create(), **kw)
 
 
+class _Counting:
+    """A cache's compute function that counts its calls: each answers ``answer(calls so far)``,
+    after ``delay_s`` (long enough for identical requests to pile up behind it)."""
+
+    def __init__(self, answer: Callable[[int], Computed], delay_s: float = 0.0) -> None:
+        self.answer, self.delay_s, self.calls = answer, delay_s, 0
+
+    async def __call__(self) -> Computed:
+        self.calls += 1
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        return self.answer(self.calls)
+
+
 def test_cache_hit_after_miss_and_keys_are_namespaced_by_prefix_and_index_version(redis_url, redis_prefix, redis_client):
     async def main() -> None:
         g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
-        calls = []
-
-        async def compute() -> Computed:
-            calls.append(1)
-            return Computed(b'{"items":[]}', None)
+        compute = _Counting(lambda _: Computed(b'{"items":[]}', None))
 
         key = cache.key("v1", b"req")
         assert key.startswith(f"{redis_prefix}:v1:rec:v1:")
         assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[]}', False)
         assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[]}', True)
-        assert len(calls) == 1
+        assert compute.calls == 1
         # a new index version is a different key: the old entry is unreachable
         assert (await cache.get_or_compute(cache.key("v2", b"req"), None, None, None, compute))[1] is False
         assert 0 < redis_client.ttl(key) <= 60
@@ -75,12 +86,7 @@ def test_an_event_invalidates_that_users_cached_answer(redis_url, redis_prefix):
 def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redis_url, redis_prefix, redis_client):
     async def main() -> None:
         g, cache = _cache(redis_url, redis_prefix, local_ttl_s=5)
-        n = 0
-
-        async def compute() -> Computed:
-            nonlocal n
-            n += 1
-            return Computed(str(n).encode(), 0)
+        compute = _Counting(lambda n: Computed(str(n).encode(), 0))
 
         anon, mine = cache.key("v1", b"anon"), cache.key("v1", b"u1")
         seq_key = f"{redis_prefix}:v1:evseq:u1"
@@ -122,17 +128,11 @@ def test_local_level_answers_hot_keys_and_forgets_a_user_on_an_event_notice(redi
 def test_identical_concurrent_misses_are_computed_once(redis_url, redis_prefix):
     async def main() -> None:
         g, cache = _cache(redis_url, redis_prefix)
-        calls = 0
-
-        async def compute() -> Computed:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.05)
-            return Computed(b"{}", None)
+        compute = _Counting(lambda _: Computed(b"{}", None), delay_s=0.05)
 
         key = cache.key("v1", b"same")
         res = await asyncio.gather(*(cache.get_or_compute(key, None, None, None, compute) for _ in range(20)))
-        assert calls == 1
+        assert compute.calls == 1
         assert all(body == b"{}" for body, _ in res)
         await g.close()
 
@@ -317,19 +317,14 @@ def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhil
                                                                                 redis_client):
     async def main() -> None:
         g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
-        calls = 0
-
-        async def compute() -> Computed:
-            nonlocal calls
-            calls += 1
-            return Computed(b'{"items":[1]}', None)
+        compute = _Counting(lambda _: Computed(b'{"items":[1]}', None))
 
         key = cache.key("v1", b"fresh")
         assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[1]}', False)
         # the write may still be on its way; an identical request in the meantime is not recomputed
         assert await cache.get_or_compute(key, None, None, None, compute) == (b'{"items":[1]}', True)
         await cache.drain()
-        assert calls == 1
+        assert compute.calls == 1
         assert redis_client.get(key) == b'-\n{"items":[1]}'
         await g.close()
 
@@ -339,13 +334,7 @@ def test_a_fresh_answer_reaches_redis_behind_the_response_and_is_reused_meanwhil
 def test_a_cancelled_request_does_not_strand_the_identical_ones_waiting_on_it(redis_url, redis_prefix):
     async def main() -> None:
         g, cache = _cache(redis_url, redis_prefix, local_ttl_s=0)
-        calls = 0
-
-        async def compute() -> Computed:
-            nonlocal calls
-            calls += 1
-            await asyncio.sleep(0.05)
-            return Computed(b'{"n":%d}' % calls, None)
+        compute = _Counting(lambda n: Computed(b'{"n":%d}' % n, None), delay_s=0.05)
 
         key = cache.key("v1", b"shared")
         leader = asyncio.create_task(cache.get_or_compute(key, None, None, None, compute))
