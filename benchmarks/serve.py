@@ -541,25 +541,11 @@ def _medians(results: list[Result]) -> dict[Key, Result]:
 
 
 def cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a process and its live descendants (uvicorn's worker processes),
-    from /proc (no psutil)."""
-    parent: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(d.name)] = int(fields[1])
-        times[int(d.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        kids = [c for c, p in parent.items() if p in frontier and c not in tree]
-        tree.update(kids)
-        frontier = kids
-    return sum(times.get(p, 0.0) for p in tree)
+    """user + system CPU time of a server process and its live descendants (its workers)."""
+    from tests.reliability.harness import cpu_seconds as own
+    from tests.reliability.harness import tree_total
+
+    return tree_total(own, pid)
 
 
 def cpu_ticks() -> tuple[int, int]:

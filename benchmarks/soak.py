@@ -34,7 +34,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # `python benchmarks/soak.py` puts benchmarks/ first, not the repo
     sys.path.insert(0, str(REPO))
 
-from tests.reliability.harness import Load, RedisProc, Req, ServerProc, cpu_seconds, rss_kib  # noqa: E402
+from tests.reliability.harness import (  # noqa: E402
+    Load,
+    RedisProc,
+    Req,
+    ServerProc,
+    cpu_seconds,
+    rss_kib,
+    tree_total,
+)
 
 N_USERS, N_ITEMS = 200, 120  # the "tiny" synthetic preset
 
@@ -68,48 +76,22 @@ def request_mix(seed: int = 0, n_users: int = N_USERS, n_items: int = N_ITEMS):
     return make
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and its live descendants (the workers under a ``TT_WORKERS`` > 1 supervisor)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [c for c, p in parent.items() if p in frontier and c not in tree]
-        tree += frontier
-    return tree
-
-
-def _summed(fn: Any, pid: int) -> Any:
-    total = 0
-    for p in _tree(pid):
-        try:
-            total += fn(p)
-        except (OSError, RuntimeError):  # exited between listing and reading
-            continue
-    return total
-
-
 def soak(url: str, pid: int, *, seconds: float, concurrency: int, warmup: float = 5.0,
          seed: int = 0) -> dict[str, Any]:
     """Warm up, take RSS, hold the load for ``seconds``, take RSS again. Returns the figures (memory
     and CPU of the server process and its workers together)."""
     make = request_mix(seed)
     warm = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=warmup, keep=False).run()
-    rss_start = _summed(rss_kib, pid)
-    cpu_start = _summed(cpu_seconds, pid)
+    rss_start = int(tree_total(rss_kib, pid))
+    cpu_start = tree_total(cpu_seconds, pid)
     samples: list[int] = []
     load = Load(url, make, concurrency=concurrency, max_requests=10**7, max_seconds=seconds, keep=False).start()
     while load.running:  # sample memory while the load runs
-        samples.append(_summed(rss_kib, pid))
+        samples.append(int(tree_total(rss_kib, pid)))
         time.sleep(0.5)
     load.join()
-    rss_end = _summed(rss_kib, pid)
-    cpu = _summed(cpu_seconds, pid) - cpu_start
+    rss_end = int(tree_total(rss_kib, pid))
+    cpu = tree_total(cpu_seconds, pid) - cpu_start
     s = load.summary()
     growth = (rss_end - rss_start) / rss_start
     return {

@@ -79,6 +79,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime (fields 14 and 15 of stat)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` followed by its live descendants (a ``TT_WORKERS`` > 1 supervisor's workers), from /proc."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):  # exited while we looked
+                continue
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parent.items() if p in frontier and c not in tree]
+        tree += frontier
+    return tree
+
+
+def tree_total(measure: Callable[[int], float], pid: int) -> float:
+    """``measure`` (rss_kib, cpu_seconds) summed over ``pid`` and its live descendants."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += measure(p)
+        except (OSError, RuntimeError):  # exited between listing and reading
+            continue
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # a private redis-server
 

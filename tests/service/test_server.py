@@ -18,6 +18,7 @@ import httpx
 import pandas as pd
 import pytest
 
+from tests.reliability.harness import process_tree
 from tests.service.conftest import wait_port
 
 pytestmark = pytest.mark.slow
@@ -208,15 +209,7 @@ def test_serve_restarts_itself_onto_huge_pages_unless_told_not_to(trained, free_
 
 
 def _children(pid: int) -> list[int]:
-    kids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    kids.append(int(d.name))
-            except (OSError, ValueError, IndexError):
-                continue
-    return kids
+    return process_tree(pid)[1:]
 
 
 def _established_on(port: int, pid: int) -> int:
