@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import selectors
 import signal
 import socket
@@ -46,12 +45,6 @@ _CONN, _READY, _CLOSED = b"c", b"r", b"x"
 
 # --------------------------------------------------------------------------------------------
 # the worker side
-
-
-def _uvicorn_config(graceful_timeout_s: float) -> uvicorn.Config:
-    return uvicorn.Config("service.app:app_from_env", factory=True, log_config=None, access_log=False,
-                          proxy_headers=False, timeout_graceful_shutdown=math.ceil(graceful_timeout_s),
-                          lifespan="on")
 
 
 class HandoffServer(uvicorn.Server):
@@ -121,14 +114,12 @@ def _tell(chan: socket.socket, what: bytes) -> None:
 
 
 def worker_main(fd: int) -> int:
-    from service.logging import configure_logging
+    """A worker process: the app (which configures logging as it is built) fed over descriptor ``fd``."""
+    from service.cli import APP, uvicorn_options
     from service.settings import Settings
 
-    settings = Settings()
-    configure_logging(settings.log_level)
-    chan = socket.socket(fileno=fd)
-    server = HandoffServer(_uvicorn_config(settings.graceful_timeout_s), chan)
-    server.run(sockets=[])
+    config = uvicorn.Config(APP, **uvicorn_options(Settings().graceful_timeout_s))
+    HandoffServer(config, socket.socket(fileno=fd)).run(sockets=[])
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,10 +50,18 @@ def run_serve(args: argparse.Namespace) -> int:
         from service.balancer import serve
 
         return serve(settings.host, settings.port, settings.workers, settings.graceful_timeout_s)
-    uvicorn.run("service.app:app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_config=None, access_log=False, proxy_headers=False,
-                timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), lifespan="on")
+    uvicorn.run(APP, host=settings.host, port=settings.port, **uvicorn_options(settings.graceful_timeout_s))
     return 0
+
+
+APP = "service.app:app_from_env"
+
+
+def uvicorn_options(graceful_timeout_s: float) -> dict[str, Any]:
+    """How the app runs under uvicorn, alone or as one of service.balancer's workers: the app
+    factory, our JSON logging instead of uvicorn's, our access log, no proxy headers."""
+    return {"factory": True, "log_config": None, "access_log": False, "proxy_headers": False,
+            "timeout_graceful_shutdown": math.ceil(graceful_timeout_s), "lifespan": "on"}
 
 
 _TUNABLE = "glibc.malloc.hugetlb=1"
