@@ -169,6 +169,73 @@ def test_movielens_errors_name_file_line_and_column(tmp_path: Path) -> None:
         load_data(f"movielens:{tmp_path}")
 
 
+def _latest_fixture(root: Path) -> Path:
+    """A MovieLens "latest" directory (ml-latest-small / 20M / 25M / 32M format) in miniature."""
+    root.mkdir()
+    _write(root / "ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,3.5,964981247\n"
+                                 "2,10,5.0,964982224\n1,30,0.5,964983815\n2,30,4.5,964982931\n")
+    _write(root / "movies.csv", 'movieId,title,genres\n10,GoldenEye (1995),Action|Adventure|Thriller\n'
+                                '20,"American President, The (1995)",Comedy|Drama|Romance\n'
+                                '30,Toy Story (1995),Animation|Children|Comedy\n'
+                                '40,Some Short (2017),(no genres listed)\n')
+    _write(root / "tags.csv", "userId,movieId,tag,timestamp\n1,10,Bond,1445714994\n2,10,bond ,1445714996\n"
+                              "2,10,spy,1445714992\n1,20,Spy,1445715001\n2,30,bond,1445715054\n"
+                              "2,20,politics,1445715100\n")
+    return root
+
+
+def test_movielens_latest_csv_format(tmp_path: Path) -> None:
+    d = load_data(f"movielens:{_latest_fixture(tmp_path / 'ml-32m')}")
+    _check_contract(d)
+    assert d.name == "movielens-ml-32m"
+    assert len(d.interactions) == 5 and list(d.users.index) == ["1", "2"] and d.users.columns.empty
+    assert list(d.items.index) == [10, 20, 30, 40]  # movie 40 has no ratings but is in the catalogue
+    assert (d.interactions["weight"] == 1.0).all()  # every rating is a watch, 0.5 stars too
+    assert d.items.loc[20, "title"] == "American President, The (1995)"  # quoted comma kept in the title
+    assert d.items.loc[10, "genres"] == ("Action", "Adventure", "Thriller") and d.items.loc[20, "year"] == 1995.0
+    assert d.items.loc[40, "genres"] == ()  # "(no genres listed)" is no genre
+    # tags: case and spaces folded, most applied first; "politics", on one movie only, is dropped
+    assert d.items.loc[10, "tags"] == ("bond", "spy") and d.items.loc[20, "tags"] == ("spy",)
+    assert d.items.loc[30, "tags"] == ("bond",) and d.items.loc[40, "tags"] == ()
+    assert [(s.name, s.kind) for s in d.item_features] == [("genres", "multi"), ("year", "numeric"),
+                                                           ("tags", "multi")]
+
+
+def test_movielens_latest_drops_ratings_of_unlisted_movies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = _latest_fixture(tmp_path / "ml-latest")
+    (root / "tags.csv").unlink()
+    with open(root / "ratings.csv", "a") as fh:
+        fh.write("999,999999,5.0,1493846415")  # an unlisted movie, on the last line, without a newline
+    with caplog.at_level(logging.WARNING, logger="training.data"):
+        d = load_data(f"movielens:{root}")
+    assert d.dropped == {"movieId not in movies.csv": 1} and 999999 not in d.items.index
+    assert "999" not in d.users.index and "tags" not in d.items.columns
+    assert "ratings.csv: dropped 1 row(s): movieId not in movies.csv (e.g. lines 7)" in caplog.text
+
+
+@pytest.mark.parametrize("file, text, expected", [
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,2x,3.5,964981247\n",
+     r"ratings\.csv, line 3, column 'movieId': '2x' is not an integer"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n\n1,20,,964981247\n",
+     r"ratings\.csv, line 4, column 'rating': missing value"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,10,4.0,964982703\n1,20,3.5,964981247,9\n",
+     r"ratings\.csv, line 3: unparsable CSV"),
+    ("ratings.csv", "user,movieId,rating,timestamp\n1,10,4.0,964982703\n",
+     r"ratings\.csv, column 'userId': missing required column"),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n", r"ratings\.csv: file has a header but no rows"),
+    ("movies.csv", "movieId,title,genres\n10,A (1995),Action\n20,B (1995),Drama\n30,C,Comedy\n10,D,Drama\n",
+     r"movies\.csv, line 5, column 'movieId': duplicate movieId 10 \(first on line 2\)"),
+    ("tags.csv", "userId,movieId,tag,timestamp\n1,10,bond,1445714994\n1,77,spy,1445714994\n",
+     r"tags\.csv, line 3, column 'movieId': movieId 77 is not in movies\.csv"),
+])
+def test_movielens_latest_errors_name_file_line_and_column(tmp_path: Path, file: str, text: str,
+                                                            expected: str) -> None:
+    root = _latest_fixture(tmp_path / "ml-latest")
+    _write(root / file, text)
+    with pytest.raises(DataError, match=expected):
+        load_data(f"movielens:{root}")
+
+
 # ----------------------------------------------------------------------------------------------- CSV/Parquet
 
 INTERACTIONS_CSV = """user_id,item_id,timestamp,weight
