@@ -223,6 +223,7 @@ def make_reindex_artifacts(root: Path, n_items: int, n_users: int, dim: int, see
     """A generated catalogue + a briefly trained YoutubeDNN model over it, as models/<v>/."""
     import torch
 
+    from towers.artifacts import LATEST, write_pointer
     from towers.checkpoint import TwoTowerModel, save_checkpoint
     from towers.features import FeatureEncoder
     from towers.model import TowerConfig
@@ -268,7 +269,7 @@ def make_reindex_artifacts(root: Path, n_items: int, n_users: int, dim: int, see
     items.to_parquet(d / "data" / "items.parquet")
     users.to_parquet(d / "data" / "users.parquet")
     inter.to_parquet(d / "data" / "interactions.parquet", index=False)
-    (root / "models" / "LATEST").write_text(version + "\n")
+    write_pointer(root / "models" / LATEST, version)
     return version, time.perf_counter() - t0
 
 

@@ -65,9 +65,9 @@ def build_bench_bundle(artifacts: Path, n_items: int, n_users: int = 20_000, per
     import pandas as pd
     import torch
 
-    from index.bundle import new_version
     from index.reindex import ReindexConfig
     from index.reindex import run as reindex
+    from towers.artifacts import LATEST, new_version, write_pointer
     from towers.checkpoint import TwoTowerModel, save_checkpoint
     from towers.features import FeatureEncoder
     from towers.model import TowerConfig
@@ -136,7 +136,7 @@ def build_bench_bundle(artifacts: Path, n_items: int, n_users: int = 20_000, per
     items.to_parquet(mdir / "data" / "items.parquet")
     users.to_parquet(mdir / "data" / "users.parquet")
     inter.to_parquet(mdir / "data" / "interactions.parquet", index=False)
-    (artifacts / "models" / "LATEST").write_text(version)
+    write_pointer(artifacts / "models" / LATEST, version)
     t0 = time.perf_counter()
     from index.bundle import BundleError
 

@@ -47,6 +47,18 @@ from index.searcher import (
     faiss_gpus,
     torch_cuda_available,
 )
+from towers.artifacts import (
+    BUNDLES_DIR,
+    CURRENT,
+    atomic_write,
+    bundle_dir,
+    fsync_dir,
+    fsync_tree,
+    read_pointer,
+    versions,
+    write_pointer,
+)
+from towers.schema import DataError
 
 if TYPE_CHECKING:
     from towers.checkpoint import TwoTowerModel
@@ -54,8 +66,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FORMAT = "twotower-bundle/1"
-BUNDLES_DIR = "bundles"
-POINTER = "CURRENT"
+POINTER = CURRENT
 STAGING_PREFIX = ".staging-"
 DEFAULT_KEEP = 5
 DEFAULT_PREFIX = "tt"
@@ -73,16 +84,6 @@ REQUIRED_FILES = (MODEL, INDEX, ITEM_IDS, ITEM_VECTORS, POPULAR, USERS, USER_ITE
 
 class BundleError(ValueError):
     """A bundle is missing, incomplete, corrupt or inconsistent; the message says which file and why."""
-
-
-def new_version(now: _dt.datetime | None = None) -> str:
-    """Sortable version string ``YYYYmmddTHHMMSSZ-<6 hex>``.
-
-    The hex is the microsecond (at most 0xF423F), not a random tag: two bundles published within
-    one second must still sort in publishing order, because rollback and pruning go by that order.
-    """
-    now = now or _dt.datetime.now(_dt.UTC)
-    return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{now.microsecond:06x}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,7 +214,7 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
         n_users=len(users), history_len=int(history_len), files=files, n_cold_items=int(n_cold_items),
         extra=dict(extra or {}),
     )
-    _write_text_durably(out / MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+    atomic_write(out / MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     return manifest
 
 
@@ -480,12 +481,9 @@ def current_version(artifacts: str | Path) -> str | None:
     """The version named by ``bundles/CURRENT``, or None when nothing was published yet."""
     p = bundles_root(artifacts) / POINTER
     try:
-        text = p.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    if not text or "/" in text or text.startswith("."):
-        raise BundleError(f"{p}: pointer does not name a bundle ({text!r})")
-    return text
+        return read_pointer(p, what="bundle version")
+    except DataError as exc:
+        raise BundleError(f"pointer does not name a bundle: {exc}") from None
 
 
 def current_bundle_dir(artifacts: str | Path) -> Path | None:
@@ -494,7 +492,7 @@ def current_bundle_dir(artifacts: str | Path) -> Path | None:
     v = current_version(artifacts)
     if v is None:
         return None
-    d = bundles_root(artifacts) / v
+    d = bundle_dir(artifacts, v)
     if not d.is_dir():
         raise BundleError(f"{bundles_root(artifacts) / POINTER} names {v!r}, which does not exist")
     return d
@@ -516,7 +514,10 @@ def publish(artifacts: str | Path, staged_dir: str | Path, *, keep: int = DEFAUL
         if staged.parent.resolve() == root.resolve() and staged.name.startswith(STAGING_PREFIX):
             shutil.rmtree(staged, ignore_errors=True)
         raise
-    target = root / m.index_version
+    try:  # the manifest names the directory: "../x" must not publish outside bundles/
+        target = bundle_dir(artifacts, m.index_version, source=staged / MANIFEST)
+    except DataError as exc:
+        raise BundleError(str(exc)) from None
     if target.exists():
         raise BundleError(f"{target}: a bundle with index version {m.index_version} already exists")
     if staged.parent.resolve() != root.resolve():
@@ -525,10 +526,10 @@ def publish(artifacts: str | Path, staged_dir: str | Path, *, keep: int = DEFAUL
         tmp = root / f"{STAGING_PREFIX}{m.index_version}-{secrets.token_hex(3)}"
         shutil.copytree(staged, tmp)
         staged = tmp
-    _fsync_tree(staged)
+    fsync_tree(staged)
     os.rename(staged, target)
-    _fsync_dir(root)
-    _point_to(root, m.index_version)
+    fsync_dir(root)
+    write_pointer(root / POINTER, m.index_version)
     log.info("published bundle %s (model %s, %d items, recall@%d %.4f)", m.index_version, m.model_version,
              m.n_items, m.recall_k, m.recall)
     prune(artifacts, keep=keep)
@@ -555,7 +556,7 @@ def rollback(artifacts: str | Path, *, to: str | None = None, redis_url: str | N
             raise BundleError(f"no bundle older than {cur!r} under {root} to roll back to")
         target = older[-1]
     m = validate_bundle(root / target)
-    _point_to(root, target)
+    write_pointer(root / POINTER, target)
     log.info("rolled back from %s to %s", cur, target)
     notify(redis_url, prefix, m)
     return m
@@ -611,53 +612,7 @@ def prune(artifacts: str | Path, *, keep: int = DEFAULT_KEEP, stale_staging_s: f
 
 def _versions(root: Path) -> list[str]:
     """Bundle directory names, oldest first (versions sort by time)."""
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).exists())
-
-
-def _point_to(root: Path, version: str) -> None:
-    _write_text_durably(root / POINTER, version + "\n")
-
-
-def _write_text_durably(path: Path, text: str) -> None:
-    """Write-temp + fsync + os.replace + fsync(dir): readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_tree(d: Path) -> None:
-    for p in d.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(d)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
+    return versions(root, containing=MANIFEST)
 
 
 # --------------------------------------------------------------------------------------------

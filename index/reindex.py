@@ -26,7 +26,6 @@ from index.bundle import (
     DEFAULT_PREFIX,
     BundleError,
     Manifest,
-    new_version,
     publish,
     staging_dir,
     write_bundle,
@@ -45,6 +44,7 @@ from index.searcher import (
     set_threads,
     torch_cuda_available,
 )
+from towers.artifacts import new_version, resolve_model_dir
 from towers.schema import DataError, conform_table, normalize_user_id, read_table_with_lines
 
 if TYPE_CHECKING:
@@ -98,34 +98,6 @@ class RecallReport:
 
 # --------------------------------------------------------------------------------------------
 # inputs
-
-
-def _check_version_name(version: str, source: Path) -> None:
-    """A model version is one directory name under models/. Anything else (``..``, an absolute path,
-    a separator) would read a model from outside the artifacts root and publish it."""
-    if (not version or version.startswith(".") or "/" in version or "\\" in version
-            or Path(version).is_absolute()):
-        raise DataError(f"model version {version!r} is not a version name (one directory under models/)",
-                        path=source)
-
-
-def resolve_model_dir(artifacts: Path, version: str | None) -> tuple[Path, str]:
-    models = artifacts / "models"
-    if version is None:
-        latest = models / "LATEST"
-        if not latest.is_file():
-            raise DataError("no --model-version given and models/LATEST does not exist (train a model first)",
-                            path=latest)
-        version = latest.read_text(encoding="utf-8").strip()
-        if not version:
-            raise DataError("models/LATEST is empty", path=latest)
-        _check_version_name(version, latest)
-    else:
-        _check_version_name(version, models)
-    d = models / version
-    if not (d / "model.pt").is_file():
-        raise DataError(f"model version {version!r} has no model.pt", path=d)
-    return d, version
 
 
 def _read_parquet(path: Path, what: str) -> pd.DataFrame:

@@ -68,9 +68,10 @@ def current_pointer(artifacts: Path) -> Path | None:
 
 
 def bundle_dir(artifacts: Path, index_version: str) -> Path:
-    from index.bundle import bundles_root
+    """bundles/<index_version>; ValueError when the version is not one directory name."""
+    from towers.artifacts import bundle_dir as version_bundle_dir
 
-    return bundles_root(artifacts) / index_version
+    return version_bundle_dir(artifacts, index_version)
 
 
 def notice_channel(prefix: str) -> str:

@@ -70,10 +70,10 @@ class BundleManager:
 
     async def load_version(self, index_version: str) -> bool:
         """Serve a specific published bundle (rollback). Raises NoBundle when it is not there."""
-        if not index_version or index_version.startswith(".") or "/" in index_version or "\\" in index_version:
-            # ".." would name the artifacts root itself: a version is one directory under bundles/
-            raise NoBundle(f"{index_version!r} is not a bundle version")
-        target = self._version_dir(self.artifacts, index_version)
+        try:  # version_dir refuses "..", "/x", "a/b": a version is one directory under bundles/
+            target = self._version_dir(self.artifacts, index_version)
+        except ValueError as exc:
+            raise NoBundle(f"{index_version!r} is not a bundle version ({exc})") from None
         if not target.is_dir():
             raise NoBundle(f"no bundle {index_version!r} under {target.parent}")
         async with self._lock:

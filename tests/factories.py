@@ -87,8 +87,9 @@ def publish_bundle(artifacts: Path, world: World | None = None, model: Any = Non
                    index_version: str | None = None, model_version: str = "20250101T000000Z-aaaaaa",
                    recipe: str = "Flat", redis_url: str | None = None, prefix: str = "tt") -> Path:
     """Write and publish a real bundle (index.bundle format) under ``artifacts``; returns its dir."""
-    from index.bundle import new_version, publish, staging_dir, write_bundle
+    from index.bundle import publish, staging_dir, write_bundle
     from index.searcher import FaissSearcher, IdMap
+    from towers.artifacts import new_version
     from towers.checkpoint import save_checkpoint
 
     world = world or make_world(seed=seed)

@@ -1,1 +1,2 @@
-"""The shared contract: feature encoding, the tower modules and the checkpoint format."""
+"""The shared contract: feature encoding, the tower modules, the checkpoint format and the artifact
+plumbing (version names, paths inside the artifacts root, durable atomic writes)."""

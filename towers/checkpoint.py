@@ -6,8 +6,6 @@ a checkpoint cannot run code when it is opened.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from towers.artifacts import atomic_open
 from towers.features import FeatureEncoder
 from towers.inference import UserTowerNumpy
 from towers.model import ItemTower, TowerConfig, UserTower
@@ -132,21 +131,10 @@ def checkpoint_payload(model: TwoTowerModel, meta: dict[str, Any] | None = None)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; a service running as another user (the Docker image) must read it
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``torch.save`` whole or not at all (``towers.artifacts.atomic_open``): a crash never leaves
+    half a file."""
+    with atomic_open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def save_checkpoint(path: str | Path, model: TwoTowerModel, meta: dict[str, Any] | None = None) -> None:

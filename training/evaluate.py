@@ -25,7 +25,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pandas as pd
 
+from towers.artifacts import atomic_write_json, resolve_model_dir
 from towers.schema import DataError
 
 if TYPE_CHECKING:  # torch is imported lazily so `twotower --help` stays fast
@@ -462,21 +462,6 @@ def _parse_ks(text: str) -> tuple[int, ...]:
     return ks
 
 
-def resolve_model_dir(artifacts: str | Path, version: str | None) -> Path:
-    models = Path(artifacts) / "models"
-    if version is None:
-        latest = models / "LATEST"
-        if not latest.is_file():
-            raise DataError("no model version given and models/LATEST does not exist", path=latest)
-        version = latest.read_text().strip()
-        if not version:
-            raise DataError("models/LATEST is empty", path=latest)
-    mdir = models / version
-    if not (mdir / "model.pt").is_file():
-        raise DataError(f"model version {version!r} has no model.pt", path=mdir)
-    return mdir
-
-
 def _data_for(mdir: Path, given: str | None) -> tuple[str, dict[str, Any]]:
     """(spec, load_data options). Default: the model's own data snapshot (exactly what it was
     trained on), else the spec and options recorded in its config.json."""
@@ -516,7 +501,7 @@ def _eval_command(args: argparse.Namespace) -> int:
     from training.data import load_data, split_leave_last_out
 
     ks = _parse_ks(args.ks)
-    mdir = resolve_model_dir(args.artifacts, args.model_version)
+    mdir, _ = resolve_model_dir(args.artifacts, args.model_version)
     spec, opts = _data_for(mdir, args.data)
     data = load_data(spec, **opts)
     split = split_leave_last_out(data)
@@ -532,8 +517,6 @@ def _eval_command(args: argparse.Namespace) -> int:
     payload = {"model_version": mdir.name, "data": spec, "split": args.split,
                "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **results}
     out = mdir / "eval.json"
-    tmp = out.with_name(f".eval.json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, out)  # never leave a half-written eval.json behind
+    atomic_write_json(out, payload)  # never leave a half-written eval.json behind
     print(f"wrote {out}")
     return 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from towers.artifacts import atomic_open
 
 
 def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 50, title: str = "") -> None:
@@ -41,8 +42,6 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)

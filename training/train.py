@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +29,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from towers.artifacts import (
+    LATEST,
+    MODELS_DIR,
+    atomic_open,
+    atomic_write_json,
+    model_dir,
+    new_version,
+    versions,
+    write_pointer,
+)
 from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
 
@@ -95,32 +104,13 @@ def build_examples(train: pd.DataFrame, user_index: pd.Index, item_index: pd.Ind
 # artifacts helpers
 
 
-def new_version() -> str:
-    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    if isinstance(o, tuple):
-        return list(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    atomic_write_json(path, obj)
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.to_parquet(tmp)
-    os.replace(tmp, path)
+    with atomic_open(path, "wb") as f:
+        df.to_parquet(f)
 
 
 def write_data_snapshot(data: Any, dest: Path) -> None:
@@ -141,26 +131,22 @@ def write_data_snapshot(data: Any, dest: Path) -> None:
 
 
 def update_latest(models_dir: Path, version: str) -> None:
-    tmp = models_dir / f".LATEST.{os.getpid()}.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, models_dir / "LATEST")
+    """Publish a complete version: models/LATEST names it (durably, like bundles/CURRENT)."""
+    write_pointer(models_dir / LATEST, version)
 
 
 def resolve_resume_dir(artifacts: str | Path, which: str) -> Path:
     """``latest``: the newest version directory that has a ``last.pt`` (an interrupted run is not in
     models/LATEST, which only names complete versions); otherwise the named version."""
-    models = Path(artifacts) / "models"
+    models = Path(artifacts) / MODELS_DIR
     if which == "latest":
-        cands = sorted(p for p in models.glob("*") if p.is_dir() and (p / "last.pt").is_file()) \
-            if models.is_dir() else []
+        cands = versions(models, containing="last.pt")  # oldest first: version names sort by time
         if not cands:
             raise DataError("--resume latest: no model version with a last.pt to resume", path=models)
-        return cands[-1]
+        return models / cands[-1]
     # a version is one directory under models/: "..", "../x" or an absolute path would resume (and
     # then write into) a directory outside the artifacts root
-    if not which or which.startswith(".") or "/" in which or "\\" in which or Path(which).is_absolute():
-        raise DataError(f"--resume {which!r} is not a model version (one directory under models/)", path=models)
-    mdir = models / which
+    mdir = model_dir(artifacts, which, source=models)
     if not (mdir / "last.pt").is_file():
         raise DataError(f"--resume {which}: no resumable run (last.pt missing)", path=mdir)
     return mdir

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from towers.artifacts import LATEST, write_pointer
 from towers.checkpoint import TwoTowerModel, save_checkpoint
 from towers.features import FeatureEncoder
 from towers.model import TowerConfig
@@ -117,5 +118,5 @@ def write_model_artifacts(artifacts: Path, cat: Catalogue, model: TwoTowerModel,
     cat.users.to_parquet(d / "data" / "users.parquet")
     cat.interactions.to_parquet(d / "data" / "interactions.parquet", index=False)
     if latest:
-        (Path(artifacts) / "models" / "LATEST").write_text(version + "\n")
+        write_pointer(Path(artifacts) / "models" / LATEST, version)
     return d

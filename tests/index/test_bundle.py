@@ -186,6 +186,18 @@ def test_keep_n_prunes_old_bundles_but_never_the_current_one(tmp_path, trained) 
     assert B.prune(tmp_path, keep=1) == []
 
 
+def test_publish_refuses_a_manifest_version_outside_the_bundles_dir(tmp_path, trained) -> None:
+    """The manifest names the directory a bundle is published as: ``../escaped`` once renamed the
+    staged bundle out of bundles/ and pointed CURRENT at it."""
+    staged = stage(tmp_path, trained, V1)
+    m = json.loads((staged / B.MANIFEST).read_text())
+    m["index_version"] = "../escaped"
+    (staged / B.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(B.BundleError, match="not a version name"):
+        B.publish(tmp_path, staged)
+    assert not (tmp_path / "escaped").exists() and B.current_version(tmp_path) is None
+
+
 def test_pointer_is_replaced_atomically(tmp_path, trained) -> None:
     """A reader polling CURRENT while bundles are published never sees a partial pointer or a
     pointer to a missing directory."""

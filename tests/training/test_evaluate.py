@@ -285,3 +285,23 @@ def test_eval_command_without_a_model_is_a_clear_error(tmp_path):
         _eval_cli(["eval", "--artifacts", str(tmp_path), "--model-version", "nope"])
     with pytest.raises(ValueError, match="--ks"):
         _eval_cli(["eval", "--artifacts", str(tmp_path), "--ks", "a,b"])
+
+
+def test_eval_never_reads_a_model_outside_the_artifacts_root(tmp_path) -> None:
+    """``--model-version ../x`` or a models/LATEST naming ``..`` once evaluated (and wrote eval.json
+    into) a directory outside the artifacts root."""
+    import shutil
+
+    from towers.schema import DataError
+
+    art = tmp_path / "a" / "artifacts"
+    outside, _ = _saved_model(tmp_path / "a", _clustered(n_users=12, n_items=24, per_user=6), version="outside")
+    (art / "models").mkdir(parents=True)
+    shutil.copy(outside / "model.pt", art / "model.pt")  # models/.. is the artifacts root itself
+    for bad in ("../../models/outside", str(outside), ".."):
+        with pytest.raises(DataError, match="model version"):
+            _eval_cli(["eval", "--artifacts", str(art), "--model-version", bad])
+        (art / "models" / "LATEST").write_text(bad + "\n")
+        with pytest.raises(DataError, match="LATEST"):
+            _eval_cli(["eval", "--artifacts", str(art)])
+    assert not (outside / "eval.json").exists() and not (art / "eval.json").exists()

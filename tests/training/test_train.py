@@ -187,3 +187,17 @@ def test_cli_trains_and_reports_the_version(tmp_path: Path, capsys: pytest.Captu
     assert f"model {version} written to" in out
     cfg = json.loads((tmp_path / "models" / version / "config.json").read_text())
     assert cfg["train"]["data_options"]["size"] == "tiny"
+
+
+def test_resume_latest_picks_the_run_started_last(tmp_path: Path) -> None:
+    """Runs started within one second once sorted by a random suffix, so ``--resume latest`` could
+    resume (and then overwrite) an older interrupted run instead of the newest one."""
+    from towers.artifacts import new_version
+    from training.train import resolve_resume_dir
+
+    models = tmp_path / "models"
+    for _ in range(20):
+        mdir = models / new_version()
+        mdir.mkdir(parents=True)
+        (mdir / "last.pt").write_bytes(b"")
+        assert resolve_resume_dir(tmp_path, "latest") == mdir
