@@ -580,6 +580,8 @@ def calibrate() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from towers.artifacts import DEFAULT_REDIS_URL
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     sub = ap.add_subparsers(dest="cmd")
     b = sub.add_parser("_bare", help=argparse.SUPPRESS)
@@ -597,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
                          "don't); the servers stay free to use every CPU. One extra uncached row runs unpinned")
     ap.add_argument("--workdir", default=str(ROOT / ".bench"), help="where the benchmark bundle is cached")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the bundle even if one is cached")
-    ap.add_argument("--redis-url", default=os.environ.get("TT_REDIS_URL") or "redis://127.0.0.1:6379/0")
+    ap.add_argument("--redis-url", default=os.environ.get("TT_REDIS_URL") or DEFAULT_REDIS_URL)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.md"))
     ap.add_argument("--from-json", default=None, help="only re-render the report from a saved .json")
     ap.add_argument("--nice", type=int, default=0,

@@ -50,6 +50,7 @@ from index.searcher import (
 from towers.artifacts import (
     BUNDLES_DIR,
     CURRENT,
+    DEFAULT_REDIS_PREFIX,
     atomic_write,
     bundle_dir,
     fsync_dir,
@@ -69,7 +70,6 @@ FORMAT = "twotower-bundle/1"
 POINTER = CURRENT
 STAGING_PREFIX = ".staging-"
 DEFAULT_KEEP = 5
-DEFAULT_PREFIX = "tt"
 
 MANIFEST = "manifest.json"
 MODEL = "model.pt"
@@ -499,7 +499,7 @@ def current_bundle_dir(artifacts: str | Path) -> Path | None:
 
 
 def publish(artifacts: str | Path, staged_dir: str | Path, *, keep: int = DEFAULT_KEEP,
-            redis_url: str | None = None, prefix: str = DEFAULT_PREFIX) -> Path:
+            redis_url: str | None = None, prefix: str = DEFAULT_REDIS_PREFIX) -> Path:
     """Validate ``staged_dir``, move it to ``bundles/<index_version>`` and make it current.
 
     On any validation error the staged directory is removed, CURRENT is untouched and BundleError
@@ -538,7 +538,7 @@ def publish(artifacts: str | Path, staged_dir: str | Path, *, keep: int = DEFAUL
 
 
 def rollback(artifacts: str | Path, *, to: str | None = None, redis_url: str | None = None,
-             prefix: str = DEFAULT_PREFIX) -> Manifest:
+             prefix: str = DEFAULT_REDIS_PREFIX) -> Manifest:
     """Re-point CURRENT to the newest bundle older than the current one (or to ``to``).
 
     The target is validated first; an invalid target leaves CURRENT as it was.
@@ -619,7 +619,7 @@ def _versions(root: Path) -> list[str]:
 # notification
 
 
-def channel(prefix: str = DEFAULT_PREFIX) -> str:
+def channel(prefix: str = DEFAULT_REDIS_PREFIX) -> str:
     return f"{prefix}:bundles"
 
 

@@ -11,32 +11,13 @@ import os
 import sys
 from typing import Any
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from towers.artifacts import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
+from towers.validation import add_flag, config_from_args
 
 
 def _default_redis_url() -> str:
     # the same variable the service reads; an empty value means "no Redis"
     return os.environ.get("TT_REDIS_URL", DEFAULT_REDIS_URL)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {v}")
-    return v
 
 
 def register(subparsers: Any) -> None:
@@ -46,37 +27,37 @@ def register(subparsers: Any) -> None:
                     "build a FAISS inner-product index, measure recall@100 against exact search with real "
                     "users' vectors, and publish a versioned bundle atomically. --list and --rollback manage "
                     "published bundles.")
-    p.add_argument("--artifacts", default=os.environ.get("TT_ARTIFACTS", "artifacts"),
-                   help="artifacts directory (default: $TT_ARTIFACTS or ./artifacts)")
-    p.add_argument("--model-version", default=None, help="model version (default: the one in models/LATEST)")
-    p.add_argument("--items", default=None,
-                   help="CSV/Parquet with item_id + the model's item feature columns: adds new items and "
-                        "replaces the features of known ones")
-    p.add_argument("--factory", default=None,
-                   help="FAISS factory string (Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, SQ8, ...); "
-                        "default: exact up to 100k items, IVF beyond")
-    p.add_argument("--nprobe", type=_positive_int, default=None,
-                   help="IVF lists probed per query (default: the smallest that clears the recall floor)")
-    p.add_argument("--ef-search", type=_positive_int, default=None,
-                   help="HNSW efSearch (default: the smallest that clears the recall floor)")
-    p.add_argument("--recall-floor", type=_fraction, default=0.95,
-                   help="refuse to publish below this recall@100 against exact search (default 0.95)")
-    p.add_argument("--n-eval-users", type=_positive_int, default=1000,
-                   help="users whose vectors measure recall (default 1000)")
-    p.add_argument("--keep", type=_positive_int, default=5, help="bundles kept for rollback (default 5)")
-    p.add_argument("--redis-url", default=_default_redis_url(),
-                   help="Redis to notify services on <prefix>:bundles (default: $TT_REDIS_URL or "
-                        f"{DEFAULT_REDIS_URL}; empty: no notification)")
-    p.add_argument("--redis-prefix", default=os.environ.get("TT_REDIS_PREFIX", "tt"),
-                   help="channel prefix (default: $TT_REDIS_PREFIX or tt)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="FAISS threads (default: all CPUs)")
-    p.add_argument("--seed", type=int, default=0)
+    # settings of the reindex job: default, parser and check come from ReindexConfig (add_flag)
+    from index.reindex import ReindexConfig
+
+    def flag(name: str, **kw: Any) -> None:
+        add_flag(p, name, ReindexConfig, **kw)
+
+    flag("--artifacts", default=os.environ.get("TT_ARTIFACTS", "artifacts"),
+         help="artifacts directory (default: $TT_ARTIFACTS or ./artifacts)")
+    flag("--model-version", help="model version (default: the one in models/LATEST)")
+    flag("--items", help="CSV/Parquet with item_id + the model's item feature columns: adds new items and "
+                         "replaces the features of known ones")
+    flag("--factory", help="FAISS factory string (Flat, IVF1024,Flat, IVF1024,PQ16, HNSW32, SQ8, ...); "
+                           "default: exact up to 100k items, IVF beyond")
+    flag("--nprobe", help="IVF lists probed per query (default: the smallest that clears the recall floor)")
+    flag("--ef-search", help="HNSW efSearch (default: the smallest that clears the recall floor)")
+    flag("--recall-floor", help="refuse to publish below this recall@100 against exact search (default 0.95)")
+    flag("--n-eval-users", help="users whose vectors measure recall (default 1000)")
+    flag("--keep", help="bundles kept for rollback (default 5)")
+    flag("--redis-url", default=_default_redis_url(),
+         help="Redis to notify services on <prefix>:bundles (default: $TT_REDIS_URL or "
+              f"{DEFAULT_REDIS_URL}; empty: no notification)")
+    flag("--redis-prefix", default=os.environ.get("TT_REDIS_PREFIX", DEFAULT_REDIS_PREFIX),
+         help=f"channel prefix (default: $TT_REDIS_PREFIX or {DEFAULT_REDIS_PREFIX})")
+    flag("--threads", help="FAISS threads (default: all CPUs)")
+    flag("--seed")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--rollback", nargs="?", const="", default=None, metavar="VERSION",
                       help="make the previous bundle (or VERSION) current again, and exit")
     mode.add_argument("--list", action="store_true", help="list published bundles with their manifests, and exit")
     p.add_argument("--json", action="store_true", help="print results as JSON")
-    p.set_defaults(handler=handle)
+    p.set_defaults(handler=handle, parser=p)
 
 
 def handle(args: argparse.Namespace) -> int:
@@ -114,12 +95,7 @@ def _handle(args: argparse.Namespace) -> int:
 
     from index.reindex import ReindexConfig, run
 
-    cfg = ReindexConfig(artifacts=args.artifacts, model_version=args.model_version, items=args.items,
-                        factory=args.factory, nprobe=args.nprobe, ef_search=args.ef_search,
-                        recall_floor=args.recall_floor, n_eval_users=args.n_eval_users, keep=args.keep,
-                        redis_url=args.redis_url or None, redis_prefix=args.redis_prefix,
-                        threads=args.threads, seed=args.seed)
-    m = run(cfg)
+    m = run(config_from_args(ReindexConfig, args, args.parser, redis_url=args.redis_url or None))
     if args.json:
         print(json.dumps(m.to_dict(), indent=2))
     else:

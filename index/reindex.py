@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import Field
 
 from index.bundle import (
     DEFAULT_KEEP,
-    DEFAULT_PREFIX,
     BundleError,
     Manifest,
     publish,
@@ -44,8 +44,9 @@ from index.searcher import (
     set_threads,
     torch_cuda_available,
 )
-from towers.artifacts import new_version, resolve_model_dir
+from towers.artifacts import DEFAULT_REDIS_PREFIX, new_version, resolve_model_dir
 from towers.schema import DataError, conform_table, normalize_user_id, read_table_with_lines
+from towers.validation import JobConfig, PositiveInt, UnitInterval
 
 if TYPE_CHECKING:
     from towers.checkpoint import TwoTowerModel
@@ -53,38 +54,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ReindexConfig:
+class ReindexConfig(JobConfig):
+    """Every setting of the reindex job with its default and its constraint (towers.validation)."""
+
     artifacts: str | Path = "artifacts"
     model_version: str | None = None  # None: the version named in models/LATEST
     items: str | Path | None = None  # extra/updated catalogue rows (csv or parquet)
     factory: str | None = None  # FAISS factory string; None: choose_recipe(n_items)
-    nprobe: int | None = None  # IVF; None: the smallest that clears the recall floor
-    ef_search: int | None = None  # HNSW; None: the smallest that clears the recall floor
-    recall_floor: float = 0.95
-    recall_k: int = 100
-    keep: int = DEFAULT_KEEP  # bundles kept for rollback
+    nprobe: PositiveInt | None = None  # IVF; None: the smallest that clears the recall floor
+    ef_search: PositiveInt | None = None  # HNSW; None: the smallest that clears the recall floor
+    recall_floor: UnitInterval = 0.95
+    recall_k: PositiveInt = 100
+    keep: PositiveInt = DEFAULT_KEEP  # bundles kept for rollback
     redis_url: str | None = None  # None/"": no notification (services still poll CURRENT)
-    redis_prefix: str = DEFAULT_PREFIX
-    n_eval_users: int = 1000  # users whose vectors measure recall
-    batch_size: int = 65536  # items per item-tower forward pass
-    popular_cap: int = 10_000  # length of the popularity fallback list
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
+    n_eval_users: PositiveInt = 1000  # users whose vectors measure recall
+    batch_size: PositiveInt = 65536  # items per item-tower forward pass
+    popular_cap: PositiveInt = 10_000  # length of the popularity fallback list
     seed: int = 0
-    threads: int | None = None  # FAISS OpenMP threads; None: the CPUs we may use
+    threads: PositiveInt | None = None  # FAISS OpenMP threads; None: the CPUs we may use
     use_gpu: bool | None = None  # None: when one is there
     publish: bool = True  # False: build and validate the staged bundle only (benchmarks)
-    extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest
-
-    def check(self) -> None:
-        if not 0.0 <= self.recall_floor <= 1.0:
-            raise ValueError(f"recall floor must be within [0, 1], got {self.recall_floor}")
-        for name in ("recall_k", "keep", "n_eval_users", "batch_size", "popular_cap"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("nprobe", "ef_search"):
-            v = getattr(self, name)
-            if v is not None and int(v) < 1:
-                raise ValueError(f"{name.replace('_', '-')} must be >= 1, got {v}")
+    extra: dict[str, Any] = Field(default_factory=dict)  # copied into the manifest
 
 
 @dataclass
@@ -287,7 +278,6 @@ def run(cfg: ReindexConfig) -> Manifest:
     """
     from towers.checkpoint import load_checkpoint
 
-    cfg.check()
     t0 = time.perf_counter()
     c0 = time.process_time()
     timings: dict[str, float] = {}

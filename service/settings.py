@@ -12,6 +12,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from towers.artifacts import DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_URL
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TT_", extra="ignore", case_sensitive=False)
@@ -21,9 +23,9 @@ class Settings(BaseSettings):
 
     # Redis: result cache, per-user event history, reload notices. "" = no Redis at all
     # (in-process cache and in-process event store, single-process only).
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = DEFAULT_REDIS_URL
     # namespace of every key and channel, so several deployments (or tests) share one Redis
-    redis_prefix: str = Field(default="tt", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    redis_prefix: str = Field(default=DEFAULT_REDIS_PREFIX, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     # result-cache TTL; 0 disables the result cache (events still go to Redis)
     cache_ttl_s: int = Field(default=300, ge=0)
     # in-process copy of hot answers in front of Redis (seconds; 0 = off; see service/cache.py for

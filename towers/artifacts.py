@@ -38,6 +38,11 @@ LATEST = "LATEST"  # models/LATEST
 CURRENT = "CURRENT"  # bundles/CURRENT
 MODEL_FILE = "model.pt"
 
+# Where a job announces a new bundle to running services (pub/sub on <prefix>:bundles) and where
+# the service keeps its cache and events: the one default for the jobs, the service and the demo.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_REDIS_PREFIX = "tt"
+
 Kind = Literal["models", "bundles"]
 
 # ------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("youtubednn", "dssm")
+from towers import MODELS, MULTI_POOLINGS
 
 
 @dataclass
@@ -37,8 +37,8 @@ class TowerConfig:
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
-        if self.multi_pooling not in ("mean", "sum"):
-            raise ValueError(f"multi_pooling must be 'mean' or 'sum', got {self.multi_pooling!r}")
+        if self.multi_pooling not in MULTI_POOLINGS:
+            raise ValueError(f"multi_pooling must be one of {MULTI_POOLINGS}, got {self.multi_pooling!r}")
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")

@@ -27,7 +27,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("softmax", "bpr", "bce", "positive")
+from training.config import LOSS_NAMES
+
+# what a user picks, plus "positive": the loss of a run with no negatives at all
+LOSSES = (*LOSS_NAMES, "positive")
 
 
 def retrieval_logits(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Tensor,

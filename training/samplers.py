@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SAMPLERS = ("inbatch", "uniform", "popularity", "mixed", "hard", "none")
+from training.config import NEGATIVES
 
 
 class NegativeSampler:
@@ -191,7 +191,7 @@ def make_sampler(name: str, n_items: int, counts: np.ndarray, *, num_negatives: 
         return HardNegativeSampler(n_items, counts, num_negatives=num_negatives, hard_negatives=hard_negatives)
     if name == "none":
         return NegativeSampler(n_items, counts)
-    raise ValueError(f"unknown negative sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    raise ValueError(f"unknown negative sampler {name!r}; choose one of {', '.join(NEGATIVES)}")
 
 
 @dataclass

@@ -199,7 +199,6 @@ def run(cfg: TrainConfig) -> TrainResult:
     from training.samplers import HistoryMask, make_sampler
 
     t_start = time.perf_counter()
-    cfg.validate()
     resume_state: dict[str, Any] | None = None
     if cfg.resume:
         mdir = resolve_resume_dir(cfg.artifacts, cfg.resume)

@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from towers import MODELS, ModelName
+from towers.artifacts import DEFAULT_REDIS_URL
 
 
 def _env_artifacts() -> Path:
@@ -42,7 +43,7 @@ class DemoConfig:
 
     artifacts: Path = field(default_factory=_env_artifacts)
     data: str = "synthetic"
-    model: str = "youtubednn"
+    model: ModelName = "youtubednn"
     epochs: int = 5
     # synthetic data: a preset of training.data.SYNTHETIC_SIZES, with the user and item counts
     # overriding it; 500 users x 300 items trains in well under a minute on 2 CPU cores
@@ -392,7 +393,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", default=defaults["size"].default, help="synthetic size preset (default: tiny)")
     p.add_argument("--n-users", type=int, default=defaults["n_users"].default, help="synthetic users (default: 500)")
     p.add_argument("--n-items", type=int, default=defaults["n_items"].default, help="synthetic items (default: 300)")
-    p.add_argument("--model", default=defaults["model"].default, choices=["youtubednn", "dssm"])
+    p.add_argument("--model", default=defaults["model"].default, choices=MODELS)
     p.add_argument("--epochs", type=int, default=defaults["epochs"].default)
     p.add_argument("--k", type=int, default=defaults["k"].default, help="items per recall")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")

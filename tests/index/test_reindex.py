@@ -156,7 +156,9 @@ def test_cli_errors_for_a_missing_model_and_a_bad_flag(tmp_path, capsys) -> None
     assert rc == 2 and "models/LATEST does not exist" in err
     with pytest.raises(SystemExit) as exc:
         main(["reindex", "--artifacts", str(tmp_path), "--recall-floor", "1.5"])
-    assert exc.value.code == 2 and "must be within [0, 1]" in capsys.readouterr().err
+    # the same wording as every flag of every job (towers.validation): the flag, the range, the value
+    assert exc.value.code == 2
+    assert "argument --recall-floor: expected a number within [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_cli_list_and_rollback(artifacts, capsys) -> None:
@@ -196,3 +198,16 @@ def test_a_missing_items_file_is_a_clear_error(artifacts, tmp_path, capsys) -> N
     rc, _, err = _cli(capsys, "reindex", "--artifacts", str(artifacts), "--items", str(tmp_path / "nope.csv"),
                       "--redis-url", "")
     assert rc == 2 and "nope.csv: file not found" in err and B.current_version(artifacts) is None
+
+
+def test_a_recall_floor_may_be_1_but_not_more() -> None:
+    """A share that can be everything (a recall floor) takes 1.0, unlike a dropout rate; both are
+    checked by their config, not by their CLI."""
+    from towers.validation import ConfigError
+
+    assert ReindexConfig(recall_floor=1.0).recall_floor == 1.0
+    for bad in (1.01, -0.1):
+        with pytest.raises(ConfigError, match=r"recall floor must be a number within \[0, 1\]"):
+            ReindexConfig(recall_floor=bad)
+    with pytest.raises(ConfigError, match="nprobe must be a positive integer, got 0"):
+        ReindexConfig(nprobe=0)
