@@ -8,11 +8,17 @@ items to the catalogue or replaces the features of existing ones; an id the mode
 embedded from its content features alone (row 0 of the id table), so new items become searchable
 without retraining. Nothing is published unless the index reaches ``recall_floor`` recall@k against
 exact search for real users' vectors.
+
+``run`` is a list of stage calls, each a function with its inputs and outputs in its signature:
+``load_model`` -> ``load_inputs`` -> ``embed_catalogue`` -> ``build_index`` -> ``recall_gate`` ->
+``write_bundle`` and ``publish`` (index.bundle); ``StageClock`` records each stage's wall and CPU time
+in the manifest (``timings_s``, ``cpu_s``).
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,37 +276,66 @@ def _nlist(factory: str) -> int:
 # the job
 
 
-def run(cfg: ReindexConfig) -> Manifest:
-    """Embed, index, gate, write and (unless ``cfg.publish`` is False) publish. Returns the manifest.
+class StageClock:
+    """Wall and CPU seconds of each stage of a run (CPU time is what a shared machine does not distort)."""
 
-    Raises DataError/BundleError (ValueError) for bad input or a failed recall gate; nothing is
-    published then and the current bundle stays current.
-    """
+    def __init__(self) -> None:
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+        self._t, self._c = self.t0, self.c0
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        t, c = time.perf_counter(), time.process_time()
+        self.wall[stage], self.cpu[stage] = round(t - self._t, 3), round(c - self._c, 3)
+        self._t, self._c = t, c
+
+    def total(self) -> tuple[dict[str, float], dict[str, float]]:
+        wall = {**self.wall, "total": round(time.perf_counter() - self.t0, 3)}
+        return wall, {**self.cpu, "total": round(time.process_time() - self.c0, 3)}
+
+
+@dataclass
+class Inputs:
+    """What the training job left for this model version, plus the extra catalogue rows."""
+
+    catalogue: pd.DataFrame  # indexed by item id: the model's item feature columns
+    users: pd.DataFrame  # indexed by normalised user id
+    interactions: pd.DataFrame  # user_id, item_id, timestamp (, weight)
+    n_extra: int  # catalogue rows that came from cfg.items
+    items_path: Path  # the training catalogue (named in errors)
+
+
+@dataclass
+class Embedded:
+    vectors: np.ndarray  # (N, D) float32, row r = catalogue row r
+    id_map: IdMap
+    n_cold: int  # items the model never saw (embedded from content only)
+
+
+@dataclass
+class Gate:
+    report: RecallReport
+    queries: int
+    source: str  # what the queries are ("users", or item vectors when the log has none)
+    reference: str  # what the ground truth came from
+
+
+def load_model(artifacts: Path, version: str | None, use_gpu: bool | None) -> tuple[TwoTowerModel, Path, str]:
+    """(model, its version directory, its version); on CUDA when there is one and it is allowed."""
     from towers.checkpoint import load_checkpoint
 
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}  # CPU seconds per stage: what a shared machine does not distort
-    last_cpu = [c0]
-
-    def lap(name: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[name] = round(now - since, 3)
-        c = time.process_time()
-        cpu[name] = round(c - last_cpu[0], 3)
-        last_cpu[0] = c
-        return now
-
-    threads = set_threads(cfg.threads)
-    artifacts = Path(cfg.artifacts)
-    model_dir, model_version = resolve_model_dir(artifacts, cfg.model_version)
+    model_dir, model_version = resolve_model_dir(artifacts, version)
     model = load_checkpoint(model_dir / "model.pt")
-    t = lap("load_model", t0)
-    if torch_cuda_available() and cfg.use_gpu is not False:
+    if torch_cuda_available() and use_gpu is not False:
         for tower in (model.user_tower, model.item_tower):
             if tower is not None:
                 tower.to("cuda")
+    return model, model_dir, model_version
+
+
+def load_inputs(model: TwoTowerModel, model_dir: Path, extra_items: str | Path | None) -> Inputs:
+    """The data snapshot beside model.pt and the catalogue with ``extra_items`` merged in."""
     data = model_dir / "data"
     items_path = data / "items.parquet"
     base = _read_parquet(items_path, "catalogue")
@@ -310,13 +345,17 @@ def run(cfg: ReindexConfig) -> Manifest:
         if col not in interactions.columns:
             raise DataError(f"interaction log lacks column {col!r}", path=data / "interactions.parquet", column=col)
     users.index = users.index.map(normalize_user_id)
-    catalogue, n_extra = load_catalogue(model, base, items_path, cfg.items)
+    catalogue, n_extra = load_catalogue(model, base, items_path, extra_items)
     if catalogue.empty:
         raise DataError("the catalogue has no items", path=items_path)
-    t = lap("load_data", t)
+    return Inputs(catalogue, users, interactions, n_extra, items_path)
 
-    # ---- embed every item: ids the model never saw are embedded from content only (cold start)
-    vectors = model.embed_items(catalogue, batch_size=cfg.batch_size)  # (N, D)
+
+def embed_catalogue(model: TwoTowerModel, inputs: Inputs, batch_size: int, model_path: Path,
+                    extra_items: str | Path | None) -> Embedded:
+    """Every item's vector; ids the model never saw are embedded from content only (cold start)."""
+    catalogue = inputs.catalogue
+    vectors = model.embed_items(catalogue, batch_size=batch_size)  # (N, D)
     if vectors.shape != (len(catalogue), model.dim):
         raise BundleError(f"item tower returned shape {vectors.shape}, expected ({len(catalogue)}, {model.dim})")
     bad = ~np.isfinite(vectors).all(axis=1)
@@ -324,75 +363,97 @@ def run(cfg: ReindexConfig) -> Manifest:
         first = catalogue.index[int(np.flatnonzero(bad)[0])]
         first = first.item() if isinstance(first, np.generic) else first
         raise BundleError(f"the item tower produced NaN/inf vectors for {int(bad.sum())} item(s), first "
-                          f"item {first!r}; the model checkpoint {model_dir / 'model.pt'} is broken")
+                          f"item {first!r}; the model checkpoint {model_path} is broken")
     id_is_int = model.encoder.item_id_is_int
-    n_cold = int((model.encoder.item_rows(catalogue.index) == 0).sum())
-    t = lap("embed_items", t)
-
-    # ---- index
     try:
         id_map = IdMap(list(catalogue.index), "int" if id_is_int else "str")
     except SearchError as exc:
-        raise DataError(str(exc), path=cfg.items or items_path) from exc
+        raise DataError(str(exc), path=extra_items or inputs.items_path) from exc
+    n_cold = int((model.encoder.item_rows(catalogue.index) == 0).sum())
+    return Embedded(vectors, id_map, n_cold)
+
+
+def build_index(emb: Embedded, dim: int, cfg: ReindexConfig) -> FaissSearcher:
+    """The FAISS index over the item vectors: cfg.factory, else the recipe for the catalogue size."""
     if cfg.factory:
         recipe = Recipe(cfg.factory, cfg.nprobe, cfg.ef_search)
     else:
-        auto = choose_recipe(len(catalogue), model.dim)
+        auto = choose_recipe(len(emb.vectors), dim)
         recipe = Recipe(auto.factory, cfg.nprobe or auto.nprobe, cfg.ef_search or auto.ef_search)
-    searcher = FaissSearcher.build(vectors, id_map.faiss_ids, recipe, seed=cfg.seed, use_gpu=cfg.use_gpu)
-    t = lap("build_index", t)
+    return FaissSearcher.build(emb.vectors, emb.id_map.faiss_ids, recipe, seed=cfg.seed, use_gpu=cfg.use_gpu)
 
-    # ---- recall gate on real users' vectors
-    hist, seen = user_histories(interactions, model.encoder.history_len, id_is_int)
-    queries, source = _eval_queries(model, users, hist, vectors, cfg)
-    k = min(cfg.recall_k, len(catalogue))
-    if recipe.kind == "flat" and len(vectors) > 5_000:
+
+def recall_gate(searcher: FaissSearcher, emb: Embedded, model: TwoTowerModel, inputs: Inputs,
+                hist: dict[str, list[Any]], cfg: ReindexConfig) -> Gate:
+    """recall@k of the index against exact search for real users' vectors, tuning nprobe/efSearch
+    when they were not given; BundleError (nothing is published) below ``cfg.recall_floor``."""
+    queries, source = _eval_queries(model, inputs.users, hist, emb.vectors, cfg)
+    k = min(cfg.recall_k, len(emb.vectors))
+    if searcher.recipe.kind == "flat" and len(emb.vectors) > 5_000:
         # the index is itself FAISS's exact flat search: a second exact pass would cost as much
         # again and could only agree (small catalogues are still checked against numpy)
         truth = searcher.search(queries, k)[1]
         reference = "the flat index itself (exact)"
     else:
-        truth = exact_searcher(vectors, id_map.faiss_ids).search(queries, k)[1]
+        truth = exact_searcher(emb.vectors, emb.id_map.faiss_ids).search(queries, k)[1]
         reference = "exact search"
     report = measure_recall(searcher, truth, queries, k, cfg.recall_floor,
                             tune_nprobe=cfg.nprobe is None, tune_ef=cfg.ef_search is None)
-    t = lap("recall_gate", t)
     log.info("recall@%d of %s = %.4f over %d %s (tried %s)", k, _describe(report.recipe), report.recall,
              len(queries), source, report.tried or "-")
     if report.recall < cfg.recall_floor:
         raise BundleError(f"recall@{k} of {_describe(report.recipe)} is {report.recall:.4f} over {len(queries)} "
                           f"{source}, below the floor {cfg.recall_floor}; not publishing (raise --nprobe/"
                           f"--ef-search, pick another --factory, or lower --recall-floor)")
+    return Gate(report, len(queries), source, reference)
 
-    # ---- write and publish
-    popular = popularity(interactions, catalogue.index, cfg.popular_cap, id_is_int)
+
+def run(cfg: ReindexConfig) -> Manifest:
+    """Embed, index, gate, write and (unless ``cfg.publish`` is False) publish. Returns the manifest.
+
+    Raises DataError/BundleError (ValueError) for bad input or a failed recall gate; nothing is
+    published then and the current bundle stays current.
+    """
+    clock = StageClock()
+    threads = set_threads(cfg.threads)
+    artifacts = Path(cfg.artifacts)
+    model, model_dir, model_version = load_model(artifacts, cfg.model_version, cfg.use_gpu)
+    clock.lap("load_model")
+    inputs = load_inputs(model, model_dir, cfg.items)
+    clock.lap("load_data")
+    emb = embed_catalogue(model, inputs, cfg.batch_size, model_dir / "model.pt", cfg.items)
+    clock.lap("embed_items")
+    searcher = build_index(emb, model.dim, cfg)
+    clock.lap("build_index")
+    id_is_int = model.encoder.item_id_is_int
+    hist, seen = user_histories(inputs.interactions, model.encoder.history_len, id_is_int)
+    gate = recall_gate(searcher, emb, model, inputs, hist, cfg)
+    clock.lap("recall_gate")
+
+    popular = popularity(inputs.interactions, inputs.catalogue.index, cfg.popular_cap, id_is_int)
     version = new_version()
     staged = staging_dir(artifacts, version)
-    extra = {"threads": threads, "faiss_gpus": faiss_gpus(), "n_extra_items": n_extra,
-             "items_path": str(cfg.items) if cfg.items else None, "eval_queries": source,
-             "recall_reference": reference,
-             "recall_tried": report.tried, **cfg.extra}
+    extra = {"threads": threads, "faiss_gpus": faiss_gpus(), "n_extra_items": inputs.n_extra,
+             "items_path": str(cfg.items) if cfg.items else None, "eval_queries": gate.source,
+             "recall_reference": gate.reference, "recall_tried": gate.report.tried, **cfg.extra}
     try:
         manifest = write_bundle(
             staged, index_version=version, model_version=model_version, model_path=model_dir / "model.pt",
-            searcher=searcher, id_map=id_map, item_vectors=vectors, popular=popular, users=users,
-            histories=hist, seen=seen, recall=report.recall, recall_k=k, n_eval_users=len(queries),
-            history_len=model.encoder.history_len, n_cold_items=n_cold, extra=extra)
-        t = lap("write_bundle", t)
+            searcher=searcher, id_map=emb.id_map, item_vectors=emb.vectors, popular=popular, users=inputs.users,
+            histories=hist, seen=seen, recall=gate.report.recall, recall_k=gate.report.k,
+            n_eval_users=gate.queries, history_len=model.encoder.history_len, n_cold_items=emb.n_cold,
+            extra=extra)
+        clock.lap("write_bundle")
         if cfg.publish:
             publish(artifacts, staged, keep=cfg.keep, redis_url=cfg.redis_url, prefix=cfg.redis_prefix)
-            lap("publish", t)
+            clock.lap("publish")
     except BaseException:
-        import shutil
-
         shutil.rmtree(staged, ignore_errors=True)
         raise
-    timings["total"] = round(time.perf_counter() - t0, 3)
-    cpu["total"] = round(time.process_time() - c0, 3)
-    manifest.extra["timings_s"] = timings
-    manifest.extra["cpu_s"] = cpu
+    manifest.extra["timings_s"], manifest.extra["cpu_s"] = clock.total()
     log.info("bundle %s: %d items (%d cold), dim %d, %s, recall@%d %.4f, %.1fs", version, manifest.n_items,
-             n_cold, manifest.dim, _describe(report.recipe), k, report.recall, timings["total"])
+             emb.n_cold, manifest.dim, _describe(gate.report.recipe), gate.report.k, gate.report.recall,
+             manifest.extra["timings_s"]["total"])
     if not cfg.publish:
         manifest.extra["staged_dir"] = str(staged)
     return manifest

@@ -38,7 +38,7 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     flag("--data", help="synthetic | movielens:DIR | csv:DIR")
-    # the synthetic generator's options (training.data.make_synthetic checks them), not settings
+    # the synthetic generator's options (training.synthetic.make_synthetic checks them), not settings
     g.add_argument("--synthetic-size", choices=("tiny", "small", "medium", "large"), default=None,
                    help="synthetic preset (default small)")
     g.add_argument("--synthetic-users", type=int, default=None, help="synthetic: number of users")
