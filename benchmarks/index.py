@@ -15,7 +15,7 @@ the timing does not depend on the weights), 10k users with interactions, written
 ``models/<v>/``; then ``index.reindex.run`` end to end (load, embed with the item tower, build the
 default recipe, recall gate on 1000 real users' vectors, write and publish the bundle) is timed.
 
-Part 3 (GPU, only with CUDA): exact torch search at batch 1024 (``TorchExactSearcher``).
+Part 3 (GPU, only with CUDA): exact torch search at batch 1024 (``ExactSearcher``).
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 sys.path.insert(0, str(REPO))
 
 from index.searcher import (  # noqa: E402
+    ExactSearcher,
     FaissSearcher,
     Recipe,
-    TorchExactSearcher,
     faiss_gpus,
     recall_at_k,
     set_threads,
@@ -305,7 +305,7 @@ def bench_gpu(x: np.ndarray, q: np.ndarray, k: int) -> dict[str, Any] | None:
         return None
     import torch
 
-    s = TorchExactSearcher(x, device="cuda")
+    s = ExactSearcher(x, device="cuda")
     qb = np.resize(q, (1024, q.shape[1])).astype(np.float32)
     for _ in range(3):
         s.search(qb, k)

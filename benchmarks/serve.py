@@ -161,7 +161,7 @@ def load_recall(artifacts: Path, n_items: int, n_queries: int = 300, k: int = K)
     import numpy as np
 
     from index.bundle import current_bundle_dir, load_bundle
-    from index.searcher import TorchExactSearcher, recall_at_k
+    from index.searcher import ExactSearcher, recall_at_k
 
     b = load_bundle(current_bundle_dir(artifacts))
     rng = np.random.default_rng(12345)
@@ -169,7 +169,7 @@ def load_recall(artifacts: Path, n_items: int, n_queries: int = 300, k: int = K)
     q = b.model.embed_users([None] * n_queries, None, hist)
     vecs = np.load(b.path / "item_vectors.npy")
     faiss_ids = b.id_map.faiss_ids
-    _, truth = TorchExactSearcher(vecs, faiss_ids, device="cpu").search(q, k)
+    _, truth = ExactSearcher(vecs, faiss_ids, device="cpu").search(q, k)
     _, got = b.searcher.search(q, k)
     return float(recall_at_k(got, truth, k))
 

@@ -37,13 +37,13 @@ import numpy as np
 import pandas as pd
 
 from index.searcher import (
+    ExactSearcher,
     FaissSearcher,
     IdMap,
     ItemId,
     Recipe,
     Searcher,
     SearchError,
-    TorchExactSearcher,
     faiss_gpus,
     torch_cuda_available,
 )
@@ -432,7 +432,7 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True, backend: str = "
     vecs = _load_vectors(d / ITEM_VECTORS)
     searcher: Searcher
     if backend == "torch" or (backend == "auto" and faiss_gpus() == 0 and torch_cuda_available()):
-        searcher = TorchExactSearcher(np.asarray(vecs), id_map.faiss_ids)
+        searcher = ExactSearcher(np.asarray(vecs), id_map.faiss_ids)
         log.info("bundle %s: exact torch search on %s", m.index_version, searcher.device)
     elif backend in ("auto", "faiss"):
         searcher = _load_index(d / INDEX, m.recipe_obj, use_gpu=None)

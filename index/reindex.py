@@ -41,9 +41,7 @@ from index.searcher import (
     FaissSearcher,
     IdMap,
     Recipe,
-    Searcher,
     SearchError,
-    TorchExactSearcher,
     choose_recipe,
     faiss_gpus,
     recall_at_k,
@@ -208,15 +206,6 @@ def popularity(interactions: pd.DataFrame, catalogue: pd.Index, cap: int, id_is_
 # recall gate
 
 
-def exact_searcher(vectors: np.ndarray, ids: np.ndarray) -> Searcher:
-    """The ground truth: matmul + topk in torch (on CUDA when there is one). On a 2-core CPU it
-    beats both numpy's argpartition and FAISS's flat search, whose per-result heap updates cost
-    more than the matmul for 1000 queries x 1M items; small catalogues use the numpy twin."""
-    if len(vectors) <= 5_000 and not torch_cuda_available():
-        return ExactSearcher(vectors, ids)
-    return TorchExactSearcher(vectors, ids, device="cuda" if torch_cuda_available() else "cpu")
-
-
 def measure_recall(searcher: FaissSearcher, truth_ids: np.ndarray, queries: np.ndarray, k: int,
                    floor: float, tune_nprobe: bool, tune_ef: bool) -> RecallReport:
     """recall@k of ``searcher`` against ``truth_ids``; when allowed, move nprobe (IVF) or efSearch
@@ -234,7 +223,7 @@ def measure_recall(searcher: FaissSearcher, truth_ids: np.ndarray, queries: np.n
 
     r = measure()
     if recipe.kind == "ivf" and tune_nprobe:
-        nlist = _nlist(recipe.factory)
+        nlist = searcher.nlist or 1
         nprobe = searcher.recipe.nprobe or 1
         tried.append((nprobe, r))
         while r < floor and nprobe < nlist:
@@ -263,13 +252,6 @@ def measure_recall(searcher: FaissSearcher, truth_ids: np.ndarray, queries: np.n
             r = measure()
             tried.append((ef, r))
     return RecallReport(recall=r, k=k, n_queries=len(queries), recipe=searcher.recipe, tried=tried)
-
-
-def _nlist(factory: str) -> int:
-    import re
-
-    m = re.search(r"IVF(\d+)", factory.upper())
-    return int(m.group(1)) if m else 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +373,11 @@ def recall_gate(searcher: FaissSearcher, emb: Embedded, model: TwoTowerModel, in
     k = min(cfg.recall_k, len(emb.vectors))
     if searcher.recipe.kind == "flat" and len(emb.vectors) > 5_000:
         # the index is itself FAISS's exact flat search: a second exact pass would cost as much
-        # again and could only agree (small catalogues are still checked against numpy)
+        # again and could only agree (small catalogues are still checked against ExactSearcher)
         truth = searcher.search(queries, k)[1]
         reference = "the flat index itself (exact)"
     else:
-        truth = exact_searcher(emb.vectors, emb.id_map.faiss_ids).search(queries, k)[1]
+        truth = ExactSearcher(emb.vectors, emb.id_map.faiss_ids).search(queries, k)[1]
         reference = "exact search"
     report = measure_recall(searcher, truth, queries, k, cfg.recall_floor,
                             tune_nprobe=cfg.nprobe is None, tune_ef=cfg.ef_search is None)

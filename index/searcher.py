@@ -6,11 +6,13 @@ Scores are inner products (the towers emit L2-normalised vectors, so they are co
 index has fewer than ``k`` results for a query the row is padded with id ``-1`` and score ``-inf``,
 whatever the backend, so callers filter on ``ids >= 0`` alone.
 
-Three backends share that contract:
+Two backends share that contract:
 - ``FaissSearcher``: any FAISS factory string (Flat, IVFn,Flat, IVFn,PQm, HNSW32, SQ8, ...), ids
   given with ``add_with_ids``; moved to the GPU when faiss-gpu sees one.
-- ``ExactSearcher``: numpy brute force; the ground truth for the recall gate and for tests.
-- ``TorchExactSearcher``: exact matmul + topk in torch, used on CUDA when faiss-gpu is missing.
+- ``ExactSearcher``: exact matmul + top-k in torch (CPU or CUDA): the ground truth for the recall
+  gate and for tests, and the search on CUDA when faiss-gpu is missing.
+
+``recall_at_k`` is FAISS's own intersection measure.
 
 ``IdMap`` translates between catalogue item ids (int or str) and the int64 ids FAISS stores.
 """
@@ -21,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,59 +160,18 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 
 
 # --------------------------------------------------------------------------------------------
-# exact backends
+# exact search
 
 
 class ExactSearcher:
-    """Brute-force inner-product search in numpy; the ground truth every index is measured against."""
+    """Exact inner-product search, one matmul + top-k per block in torch: the ground truth every
+    index is measured against, and the GPU path when faiss-gpu is not installed.
 
-    def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None) -> None:
-        self.vectors = _check_vectors(vectors)  # (N, D)
-        n = self.vectors.shape[0]
-        self.ids = _check_ids(np.arange(n) if ids is None else ids, n)
-        self.dim = int(self.vectors.shape[1])
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.vectors.shape[0])
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        q = _check_queries(queries, self.dim, k)  # (B, D)
-        n = self.ntotal
-        kk = min(k, n)
-        b = q.shape[0]
-        out_s = np.empty((b, kk), dtype=np.float32)
-        out_i = np.empty((b, kk), dtype=np.int64)
-        if kk == 0:
-            return _pad(out_s, out_i, k)
-        # block over queries and items so a 1M-item catalogue never needs a (B, N) matrix at once
-        item_block = max(kk, min(n, _BLOCK_ELEMS // max(1, min(b, 1024))))
-        q_block = max(1, min(b, _BLOCK_ELEMS // item_block))
-        for q0 in range(0, b, q_block):
-            qb = q[q0:q0 + q_block]
-            best_s = np.full((qb.shape[0], 0), _PAD_SCORE, dtype=np.float32)
-            best_r = np.zeros((qb.shape[0], 0), dtype=np.int64)  # row positions
-            for i0 in range(0, n, item_block):
-                s = qb @ self.vectors[i0:i0 + item_block].T  # (bq, ib)
-                take = min(kk, s.shape[1])
-                part = np.argpartition(-s, take - 1, axis=1)[:, :take] if take < s.shape[1] else \
-                    np.broadcast_to(np.arange(s.shape[1]), (s.shape[0], s.shape[1]))
-                cand_s = np.concatenate([best_s, np.take_along_axis(s, part, axis=1)], axis=1)
-                cand_r = np.concatenate([best_r, part + i0], axis=1)
-                keep = min(kk, cand_s.shape[1])
-                sel = np.argpartition(-cand_s, keep - 1, axis=1)[:, :keep] if keep < cand_s.shape[1] else \
-                    np.broadcast_to(np.arange(cand_s.shape[1]), cand_s.shape)
-                best_s = np.take_along_axis(cand_s, sel, axis=1)
-                best_r = np.take_along_axis(cand_r, sel, axis=1)
-            # best first; ties broken by row so the result is deterministic
-            order = np.lexsort((best_r, -best_s), axis=1)
-            out_s[q0:q0 + q_block] = np.take_along_axis(best_s, order, axis=1)
-            out_i[q0:q0 + q_block] = self.ids[np.take_along_axis(best_r, order, axis=1)]
-        return _pad(out_s, out_i, k)
-
-
-class TorchExactSearcher:
-    """Exact search as one matmul + topk in torch: the GPU path when faiss-gpu is not installed."""
+    One implementation for the CPU and CUDA. On 2 CPU cores it is the fastest exact search we
+    have measured: 1000 queries x 1M x 64, k=100 took 4.1 s, against 5.1 s for ``faiss.knn`` and
+    5.6 s for ``IndexFlatIP`` (FAISS updates a heap per scored item) and the same 0.4 s at 100k
+    (a numpy twin, argpartition per block, was as fast at 100k and is gone).
+    """
 
     def __init__(self, vectors: np.ndarray, ids: np.ndarray | None = None, device: str | None = None,
                  half: bool = False) -> None:
@@ -221,7 +183,11 @@ class TorchExactSearcher:
         self.dim = int(vecs.shape[1])
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch.float16 if half and self.device.type == "cuda" else torch.float32
-        self._vectors = torch.from_numpy(vecs).to(self.device, dtype=dtype)  # (N, D)
+        with warnings.catch_warnings():
+            # a bundle's memory-mapped vectors are read-only; the tensor is only ever read, so
+            # sharing them (instead of a 256 MB copy at 1M x 64) is safe
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self._vectors = torch.from_numpy(vecs).to(self.device, dtype=dtype)  # (N, D)
         self._ids = torch.from_numpy(self.ids).to(self.device)
 
     @property
@@ -237,8 +203,9 @@ class TorchExactSearcher:
         if kk == 0:
             return _pad(np.empty((b, 0), np.float32), np.empty((b, 0), np.int64), k)
         n = self.ntotal
-        # 2-D blocks: (up to 1024 queries) x (as many items as fit the block budget). Wide item
-        # blocks keep the matmul BLAS-shaped on a CPU; a running top-k merges the blocks.
+        # 2-D blocks: (up to 1024 queries) x (as many items as fit the block budget), so a 1M-item
+        # catalogue never needs a (B, N) matrix at once. Wide item blocks keep the matmul
+        # BLAS-shaped on a CPU; a running top-k merges the blocks.
         q_block = min(b, 1024)
         item_block = max(kk, min(n, _BLOCK_ELEMS // q_block))
         scores, ids = [], []
@@ -460,6 +427,14 @@ class FaissSearcher:
     def ntotal(self) -> int:
         return int(self._cpu_index.ntotal)
 
+    @property
+    def nlist(self) -> int | None:
+        """Inverted lists of an IVF index (the most nprobe can scan), None for other indexes."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(self._cpu_index)
+        return None if ivf is None else int(ivf.nlist)
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         q = _check_queries(queries, self.dim, k)
         if self.ntotal == 0:
@@ -487,26 +462,25 @@ def _faiss_msg(exc: BaseException) -> str:
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int | None = None) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / |exact top-k| (ids of -1 are ignored).
+    """Mean over queries of |approx top-k ∩ exact top-k| / k (``faiss.contrib.evaluation``'s
+    intersection measure); a -1 (missing result) in ``approx_ids`` is never a hit.
 
-    Both arrays are (B, >=k) int64; with ``k`` None all columns are used.
+    Both arrays are (B, >=k) int64; with ``k`` None all columns are used. The exact results must
+    be full (no -1): ask for k no larger than the catalogue.
     """
+    from faiss.contrib.evaluation import knn_intersection_measure
+
     a = np.asarray(approx_ids)
     e = np.asarray(exact_ids)
     if a.ndim != 2 or e.ndim != 2 or a.shape[0] != e.shape[0]:
         raise ValueError(f"recall_at_k needs two (B, k) arrays with the same B, got {a.shape} and {e.shape}")
-    if k is not None:
-        a, e = a[:, :k], e[:, :k]
-    total = 0.0
-    counted = 0
-    for row_a, row_e in zip(a, e, strict=True):
-        truth = row_e[row_e >= 0]
-        if truth.size == 0:
-            continue
-        hit = np.intersect1d(row_a[row_a >= 0], truth, assume_unique=False).size
-        total += hit / truth.size
-        counted += 1
-    return total / counted if counted else 1.0
+    k = min(a.shape[1], e.shape[1]) if k is None else k
+    a, e = a[:, :k], e[:, :k]
+    if a.shape != e.shape:
+        raise ValueError(f"recall_at_k needs k={k} columns in both arrays, got {a.shape} and {e.shape}")
+    if (e < 0).any():
+        raise ValueError("the exact results have missing (-1) entries: ask for k <= the number of items")
+    return float(knn_intersection_measure(a, e)) if a.size else 1.0
 
 
 # --------------------------------------------------------------------------------------------
