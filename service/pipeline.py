@@ -57,7 +57,7 @@ class ServingBundle:
     searcher: Any  # index.searcher.Searcher: search(queries (B, D) float32, k) -> (scores, faiss ids)
     id_map: Any  # index.searcher.IdMap: catalogue ids <-> FAISS ids
     popular: np.ndarray  # (P,) FAISS ids, most popular first
-    popular_scores: np.ndarray  # (P,) float32, share of interactions
+    popular_scores: np.ndarray  # (P,) float32, by rank: 1 - rank / P (popular.json holds an order, no counts)
     user_profile: Callable[[str], Mapping[str, Any] | None]  # user id -> feature values, None if unknown
     user_history: Callable[[str], Sequence[ItemId]]  # user id -> item ids, oldest first
     user_seen: Callable[[str], Iterable[ItemId]]  # user id -> every item the bundle data says they touched

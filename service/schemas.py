@@ -52,7 +52,8 @@ FeatureValue = (Annotated[float, Field(allow_inf_nan=False)] | Annotated[str, St
 
 class RecallItem(BaseModel):
     item_id: int | str = Field(description="catalogue item id, with the catalogue's type")
-    score: float = Field(description="inner product of user and item vectors (popularity share for the fallback)")
+    score: float = Field(description="inner product of user and item vectors; for the popularity fallback a rank "
+                                     "score, 1 - rank / list length (1.0 for the most popular item)")
 
 
 class RecallResponse(BaseModel):

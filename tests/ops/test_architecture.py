@@ -1,4 +1,6 @@
-"""The import directions of DESIGN.md hold, checked by the import-linter contracts in pyproject.toml."""
+"""The import directions README.md's "Architecture" section states (training -> towers, index -> towers,
+service -> towers, index; nothing imports service; index and service never import training) hold,
+checked by the import-linter contracts in pyproject.toml."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.factories import histories_of, make_model, make_world, publish_bundle
@@ -63,6 +64,10 @@ def test_cold_user_gets_popular_fallback_honouring_exclusions(artifacts, redis_u
         async with running(settings_for(artifacts, redis_url, redis_prefix)) as c:
             a = (await c.post("/v1/recall", json={"user_id": "stranger", "k": 5})).json()
             assert a["fallback"] == "popular" and len(a["items"]) == 5
+            # the documented fallback score: 1 - rank / list length, 1.0 for the most popular
+            scores = [it["score"] for it in a["items"]]
+            steps = np.diff(scores)
+            assert scores[0] == 1.0 and (steps < 0).all() and np.allclose(steps, steps[0]), scores
             top = [it["item_id"] for it in a["items"]]
             b = (await c.post("/v1/recall", json={"k": 5, "exclude_ids": [top[0], str(top[1]), 99999]})).json()
             assert b["fallback"] == "popular"
