@@ -61,6 +61,29 @@ class Vocab:
         return Vocab(tokens=[str(t) for t in d["tokens"]], hash_buckets=int(d.get("hash_buckets", 0)))
 
 
+_ID_SEP = "\x00"
+_PACK_AT = 10_000
+
+
+def _pack_ids(ids: list[str]) -> list[str] | dict[str, Any]:
+    """Many string ids as ONE string joined by NUL (when no id contains one): a checkpoint with 5M
+    user ids then pickles one object instead of 5M (pickle's memo of them alone took ~0.7 GB)."""
+    if len(ids) >= _PACK_AT:
+        text = _ID_SEP.join(ids)
+        if text.count(_ID_SEP) == len(ids) - 1:
+            return {"joined": text, "sep": _ID_SEP, "count": len(ids)}
+    return list(ids)
+
+
+def _unpack_ids(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        ids = value["joined"].split(value["sep"]) if value["count"] else []
+        if len(ids) != value["count"]:
+            raise ValueError(f"packed ids: {len(ids)} found, {value['count']} expected")
+        return ids
+    return list(value)
+
+
 def _feature_key(side: str, spec: FeatureSpec) -> str:
     return f"{side}:{spec.kind}:{spec.name}"
 
@@ -129,8 +152,8 @@ class FeatureEncoder:
         return {
             "user_features": [s.to_dict() for s in self.user_features],
             "item_features": [s.to_dict() for s in self.item_features],
-            "user_ids": self.user_ids,
-            "item_ids": self.item_ids,
+            "user_ids": _pack_ids(self.user_ids),
+            "item_ids": self.item_ids if self.item_id_is_int else _pack_ids([str(i) for i in self.item_ids]),
             "item_id_is_int": self.item_id_is_int,
             "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
             "numeric_stats": {k: [float(m), float(s)] for k, (m, s) in self.numeric_stats.items()},
@@ -142,7 +165,7 @@ class FeatureEncoder:
         return cls(
             user_features=[FeatureSpec.from_dict(s) for s in d["user_features"]],
             item_features=[FeatureSpec.from_dict(s) for s in d["item_features"]],
-            user_ids=list(d["user_ids"]), item_ids=list(d["item_ids"]),
+            user_ids=_unpack_ids(d["user_ids"]), item_ids=_unpack_ids(d["item_ids"]),
             item_id_is_int=bool(d["item_id_is_int"]),
             vocabs={k: Vocab.from_dict(v) for k, v in d["vocabs"].items()},
             numeric_stats={k: (float(v[0]), float(v[1])) for k, v in d["numeric_stats"].items()},
@@ -235,7 +258,7 @@ class FeatureEncoder:
         out: dict[str, torch.Tensor] = {
             "item_row": torch.from_numpy(self.item_rows(items.index)),
         }
-        self._encode_side("item", self.item_features, _records(items, self.item_features), out)
+        out.update({k: v[1:] for k, v in self._encode_table("item", self.item_features, items).items()})
         return out
 
     def encode_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
@@ -271,24 +294,57 @@ class FeatureEncoder:
     def encode_user_table(self, users: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Side features of every known user in user-row order (row 0 = unknown user), for
         training loops that gather feature rows by index instead of re-encoding per batch."""
-        table = users.copy()
-        table.index = [normalize_user_id(u) for u in table.index]
-        out = self._encode_table("user", self.user_features, table.reindex(self.user_ids))
+        ids = np.asarray([normalize_user_id(u) for u in users.index], dtype=object)
+        if len(ids) != len(self.user_ids) or not (ids == np.asarray(self.user_ids, dtype=object)).all():
+            users = users.set_axis(pd.Index(ids, dtype=object)).reindex(self.user_ids)
+        out = self._encode_table("user", self.user_features, users)
         out["user_row"] = torch.arange(self.n_user_rows, dtype=torch.long)
         return out
 
     def encode_item_table(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Every catalogue item in item-row order (row 0 = padding)."""
-        out = self._encode_table("item", self.item_features, items.reindex(self.item_ids))
+        if len(items) != len(self.item_ids) or not (items.index.to_numpy() == np.asarray(self.item_ids)).all():
+            items = items.reindex(self.item_ids)
+        out = self._encode_table("item", self.item_features, items)
         out["item_row"] = torch.arange(self.n_item_rows, dtype=torch.long)
         return out
 
     def _encode_table(self, side: str, specs: list[FeatureSpec], table: pd.DataFrame) -> dict[str, torch.Tensor]:
-        # row 0 is the reserved padding / unknown row: every feature missing
-        recs: list[Mapping[str, Any] | None] = [None]
-        recs.extend(_records(table, specs))
+        """Row 0 (the reserved padding / unknown row: every feature missing), then one row per table row.
+
+        The same values as ``_encode_side`` on the table's records, column by column: a categorical
+        value is looked up once per distinct value, a numeric column is converted as one array, so
+        millions of users cost no per-row Python objects (multi-valued features still go row by row).
+        """
         out: dict[str, torch.Tensor] = {}
-        self._encode_side(side, specs, recs, out)
+        missing: dict[str, torch.Tensor] = {}
+        self._encode_side(side, specs, [None], missing)  # row 0
+        for spec in specs:
+            key = _feature_key(side, spec)
+            if spec.name not in table.columns:
+                out[key] = missing[key].repeat(len(table) + 1, *([1] * (missing[key].dim() - 1)))
+                continue
+            col = table[spec.name]
+            if spec.kind == "numeric" and pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+                mean, std = self.numeric_stats[key]
+                arr = col.to_numpy(dtype=np.float64, na_value=np.nan)
+                arr = np.where(np.isfinite(arr), (arr - mean) / std, 0.0)
+                enc = torch.from_numpy(np.clip(arr, -5.0, 5.0).astype(np.float32))
+            elif spec.kind == "categorical" and _all_text(col):
+                codes, uniques = pd.factorize(col, use_na_sentinel=True)  # NaN -> -1
+                vocab = self.vocabs[key]
+                lookup = np.array([vocab.row(_cat(u)) for u in uniques] + [vocab.row(_cat(None))], dtype=np.int64)
+                enc = torch.from_numpy(lookup[codes])  # code -1 picks the last entry: the missing value
+            else:
+                part: dict[str, torch.Tensor] = {}
+                self._encode_side(side, [spec], _records(table[[spec.name]], [spec]), part)
+                enc = part[key]
+            first = missing[key]
+            if enc.dim() == 2 and first.shape[1] != enc.shape[1]:  # multi: pad to the wider bag
+                width = max(first.shape[1], enc.shape[1])
+                first = torch.nn.functional.pad(first, (0, width - first.shape[1]))
+                enc = torch.nn.functional.pad(enc, (0, width - enc.shape[1]))
+            out[key] = torch.cat([first, enc])
         return out
 
 
@@ -312,6 +368,14 @@ def _records(df: pd.DataFrame, specs: list[FeatureSpec]) -> list[Mapping[str, An
         return [None] * len(df)
     sub = df[cols]
     return [dict(zip(cols, vals, strict=True)) for vals in sub.itertuples(index=False, name=None)]
+
+
+def _all_text(col: pd.Series) -> bool:
+    """Every value a string or missing: distinct values are then distinct categories (factorize would
+    merge 1, 1.0 and True, which ``_cat`` spells differently)."""
+    if pd.api.types.is_string_dtype(col.dtype) and col.dtype != object:
+        return True
+    return col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")
 
 
 def _cat(v: Any) -> str:

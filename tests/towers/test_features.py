@@ -134,3 +134,60 @@ def test_tables_encode_every_row_in_row_order(enc: FeatureEncoder, world) -> Non
 def test_feature_spec_kinds_are_checked() -> None:
     with pytest.raises(ValueError, match="unknown feature kind"):
         FeatureSpec.from_dict({"name": "x", "kind": "vector"})
+
+
+def _per_record(enc: FeatureEncoder, side: str, specs: list[FeatureSpec], table) -> dict[str, torch.Tensor]:
+    """The table encoded the per-request way: one record per row (row 0: every feature missing)."""
+    from towers.features import _records
+
+    out: dict[str, torch.Tensor] = {}
+    enc._encode_side(side, specs, [None, *_records(table, specs)], out)
+    return out
+
+
+@pytest.mark.parametrize("buckets", [0, 7])
+def test_whole_tables_encode_exactly_like_one_record_at_a_time(buckets: int) -> None:
+    import numpy as np
+    import pandas as pd
+
+    users = pd.DataFrame({
+        "segment": pd.Series(["a", "b", None, "a", " c ", "zz"], dtype=object),   # text, a missing value, spaces
+        "mixed": pd.Series([1, 1.0, "1", True, None, 2.5], dtype=object),         # 1, 1.0 and True spell differently
+        "age": [20.0, np.nan, 31.0, np.inf, 44.0, 18.0],                           # numeric with NaN and inf
+        "count": pd.Series([1, 2, 3, 4, 5, 6], dtype=np.int64),
+        "tags": pd.Series([("x", "y"), (), None, ("y",), ("x", "y", "w"), "x|q"], dtype=object),
+        "cat": pd.Categorical(["p", "q", "p", None, "q", "p"]),
+    }, index=pd.Index([str(i) for i in range(1, 7)], dtype=object))
+    specs = [FeatureSpec("segment", "categorical"), FeatureSpec("mixed", "categorical"),
+             FeatureSpec("age", "numeric"), FeatureSpec("count", "numeric"), FeatureSpec("tags", "multi"),
+             FeatureSpec("cat", "categorical"), FeatureSpec("absent", "categorical")]
+    items = pd.DataFrame(index=pd.Index([1, 2], name="item_id"))
+    enc = FeatureEncoder.fit(users.iloc[:4], items, specs, [], max_vocab=1000 if not buckets else 1,
+                             hash_buckets=buckets or 50_000)
+    enc = FeatureEncoder(user_features=specs, item_features=[], user_ids=list(users.index), item_ids=[1, 2],
+                         item_id_is_int=True, vocabs=enc.vocabs, numeric_stats=enc.numeric_stats)
+    got = enc.encode_user_table(users)
+    want = _per_record(enc, "user", specs, users)
+    assert set(want) <= set(got)
+    for key, expected in want.items():
+        assert torch.equal(got[key], expected), key
+    # rows follow the encoder's user order, whatever the table's order
+    shuffled = users.iloc[::-1]
+    assert all(torch.equal(enc.encode_user_table(shuffled)[k], got[k]) for k in want)
+
+
+def test_many_string_ids_travel_packed_and_come_back_the_same() -> None:
+    import pandas as pd
+
+    users = pd.DataFrame(index=pd.Index([f"u{i}" for i in range(12_000)], dtype=object))
+    items = pd.DataFrame(index=pd.Index([f"sku-{i}" for i in range(12_000)], dtype=object))
+    enc = FeatureEncoder.fit(users, items, [], [])
+    d = enc.to_dict()
+    assert isinstance(d["user_ids"], dict) and isinstance(d["item_ids"], dict)  # one string each
+    back = FeatureEncoder.from_dict(d)
+    assert back.user_ids == enc.user_ids and back.item_ids == enc.item_ids and not back.item_id_is_int
+    assert back.user_row("u11999") == 12_000 and back.item_row("sku-0") == 1
+    odd = FeatureEncoder.fit(pd.DataFrame(index=pd.Index(["a\x00b"] + [str(i) for i in range(12_000)], dtype=object)),
+                             items, [], [])
+    assert isinstance(odd.to_dict()["user_ids"], list)  # an id holding the separator: kept as a list
+    assert FeatureEncoder.from_dict(odd.to_dict()).user_ids == odd.user_ids
