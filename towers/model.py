@@ -3,6 +3,12 @@
 UserTower and ItemTower are separate modules with separate state dicts so the service loads only
 the user side. Both end in an L2 normalisation: scores are cosines, and the loss divides them by
 ``TowerConfig.temperature``.
+
+The id tables (user ids, history items, item ids) are the only parameters that grow with the number
+of users and items, so they are ``sparse=True`` embeddings: backward yields a row-sparse gradient
+holding only the rows a batch looked up, and the training job updates just those rows (see
+``training/optim.py``). Side-feature tables are small vocabularies and stay dense. ``sparse`` only
+changes the gradient's layout, never a forward result, so inference ignores it.
 """
 
 from __future__ import annotations
@@ -128,11 +134,11 @@ class UserTower(nn.Module):
         self.user_emb: nn.Embedding | None = None
         self.hist_emb: nn.Embedding | None = None
         if cfg.use_user_id:
-            self.user_emb = nn.Embedding(meta["n_user_rows"], cfg.emb_dim, padding_idx=0)
+            self.user_emb = nn.Embedding(meta["n_user_rows"], cfg.emb_dim, padding_idx=0, sparse=True)
             nn.init.normal_(self.user_emb.weight, std=0.05)
             in_dim += cfg.emb_dim
         if cfg.use_history:
-            self.hist_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0)
+            self.hist_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0, sparse=True)
             nn.init.normal_(self.hist_emb.weight, std=0.05)
             in_dim += cfg.emb_dim
         self.features = SideFeatures(meta["user"] if cfg.use_user_features else [], cfg.feature_dim,
@@ -154,7 +160,8 @@ class UserTower(nn.Module):
             hist = batch["hist"]  # (B, L)
             # the same masked mean as ``masked_mean`` (padding rows excluded from sum and count), as
             # one fused EmbeddingBag op: ~6x faster forward+backward than gather, mask, sum on CPU
-            parts.append(F.embedding_bag(hist, self.hist_emb.weight, mode="mean", padding_idx=0))  # (B, E)
+            parts.append(F.embedding_bag(hist, self.hist_emb.weight, mode="mean", padding_idx=0,
+                                         sparse=self.hist_emb.sparse))  # (B, E)
         side = self.features(batch)
         if side is not None:
             parts.append(side)
@@ -175,14 +182,14 @@ class ItemTower(nn.Module):
         self.content: nn.Sequential | None = None
         self.mlp: nn.Sequential | None = None
         if cfg.model == "youtubednn":
-            self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.dim, padding_idx=0)
+            self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.dim, padding_idx=0, sparse=True)
             nn.init.normal_(self.id_emb.weight, std=0.05)
             if self.features.out_dim:
                 self.content = mlp(self.features.out_dim, cfg.hidden, cfg.dim, cfg.dropout)
         else:
             in_dim = self.features.out_dim
             if cfg.item_id_embedding:
-                self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0)
+                self.id_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0, sparse=True)
                 nn.init.normal_(self.id_emb.weight, std=0.05)
                 in_dim += cfg.emb_dim
             if in_dim == 0:

@@ -47,6 +47,11 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--synthetic-per-user", type=int, default=None, help="synthetic: mean interactions per user")
     g.add_argument("--data-seed", type=int, default=0, help="synthetic: generator seed")
     flag("--artifacts", help="artifacts directory (models/<version>/ goes there)")
+    flag("--stream", action="store_true",
+         help="csv:DIR: read one large DIR/interactions.csv (or .parquet) in chunks, as a DIR/interactions/ "
+              "directory of part files always is: memory bounded by the tables and one shard")
+    flag("--shard-rows", help="streamed data: about this many interactions per shard (one shard in memory at a time)")
+    flag("--eval-users", help="streamed data: users in the validation and test sample")
 
     g = p.add_argument_group("model")
     flag("--model")
@@ -77,8 +82,15 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("optimisation")
     flag("--epochs", help="maximum epochs")
-    flag("--batch-size")
-    flag("--lr")
+    flag("--max-steps", help="a budget: stop after this many optimiser steps in all (the epoch in progress ends "
+                             "early; the cosine schedule decays over the budget), then validate, test and publish")
+    flag("--batch-size", help="examples per step (with several processes: in all, split between them)")
+    flag("--lr", help="AdamW learning rate of the dense parameters (MLPs, side-feature tables)")
+    flag("--embedding-optimizer",
+         help="how the id tables (user ids, history and item ids) learn: rowwise_adagrad and sparse_adam update "
+              "only the rows a batch touched (a step costs in proportion to the batch); adamw updates every row "
+              "every step (the old behaviour, kept as a reference)")
+    flag("--embedding-lr", help="learning rate of the id tables (default: 0.1 for rowwise_adagrad, --lr otherwise)")
     flag("--lr-schedule", help="cosine: decay the learning rate to 0 over --epochs")
     flag("--weight-decay")
     flag("--patience", help="stop after this many epochs without a better validation HR@K")
@@ -91,7 +103,13 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     flag("--resume", nargs="?", const="latest", metavar="VERSION|latest",
          help="continue an interrupted run (its saved settings win over the ones given here)")
     flag("--stop-after-epoch", help=argparse.SUPPRESS)
+    flag("--pause-at", metavar="EPOCH:STEP", help=argparse.SUPPRESS)
     flag("--quiet", action="store_true", help="no progress bar")
+    flag("--loader-workers",
+         help="DataLoader processes that build batches ahead of the training step (0: in the training process)")
+    g.add_argument("--nproc", type=int, default=None,
+                   help="train with N processes on this machine: a shortcut for `torchrun --standalone "
+                        "--nproc-per-node N -m twotower.cli train ...` (several machines: run torchrun, see README)")
     p.set_defaults(handler=_train_command, parser=p)
     return p
 
@@ -112,9 +130,18 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
 def _train_command(args: argparse.Namespace) -> int:
     from training.train import run
 
-    cfg = train_config(args)
+    cfg = train_config(args)  # bad settings fail here, before any process is started
+    if args.nproc is not None:
+        if args.nproc < 1:
+            args.parser.error(f"argument --nproc: expected a positive integer, got {args.nproc}")
+        if args.nproc > 1:
+            from training.launch import launch
+
+            return launch(args.nproc, cfg, list(args.argv))
     res = run(cfg)
     m = res.metrics
+    if "rank" in m:  # a rank other than 0 under torchrun: rank 0 reports
+        return 0
     if "interrupted_after_epoch" in m:
         print(f"stopped after epoch {m['interrupted_after_epoch']}: {res.dir} (continue with --resume {res.model_version})")
         return 0

@@ -165,10 +165,16 @@ def retrieval_loss(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: 
                    sampling_logq: torch.Tensor | None = None, *, temperature: float = 0.05,
                    loss: str = "softmax", logq_correction: bool = True, mask_accidental_hits: bool = True,
                    in_batch_negatives: bool = True, history_mask: torch.Tensor | None = None,
-                   hard_negatives: int = 0, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean (optionally ``weights``-weighted, (B,)) loss over the batch rows. See the module doc."""
+                   hard_negatives: int = 0, weights: torch.Tensor | None = None,
+                   reduction: str = "mean") -> torch.Tensor:
+    """Mean (optionally ``weights``-weighted, (B,)) loss over the batch rows. See the module doc.
+
+    ``reduction="none"``: the (B,) per-row losses, unweighted (a caller that spreads one batch over
+    several processes normalises by the global weight itself)."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
     B = user_vecs.shape[0]
     if loss == "positive":
         per_row = positive_only_loss(user_vecs, item_vecs[:B])
@@ -196,6 +202,8 @@ def retrieval_loss(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: 
             else:  # bce
                 neg_term = F.softplus(neg_logits).masked_fill(excluded, 0.0).sum(1) / n_neg  # -log(1 - sigmoid)
                 per_row = F.softplus(-pos) + neg_term  # -log sigmoid(pos) + mean negative term
+    if reduction == "none":
+        return per_row
     if weights is None:
         return per_row.mean()
     w = weights.to(per_row.dtype)

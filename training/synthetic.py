@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -244,3 +245,47 @@ def make_synthetic(*, seed: int = 0, n_users: int = 2000, n_items: int = 1000, n
     return RecData(name="synthetic", interactions=inter, users=users, items=items,
                    user_features=list(USER_FEATURES), item_features=list(ITEM_FEATURES),
                    truth=ground_truth(user_ids, user_clusters, item_ids, clusters))
+
+
+def write_synthetic_parts(dest: str | Path, *, seed: int = 0, n_users: int = 2000, n_items: int = 1000,
+                          n_clusters: int = 8, interactions_per_user: int = 30, noise: float = 0.05,
+                          zipf_a: float = 1.0, chunk_users: int = 250_000) -> dict[str, int]:
+    """The same kind of data as ``make_synthetic``, written for streamed training (``csv:DEST``):
+    ``items.parquet``, ``users.parquet`` and ``interactions/part-NNNNN.parquet``, one part per chunk
+    of ``chunk_users`` users.
+
+    The catalogue is drawn once; each chunk of users gets its own generator (seeded by (seed, chunk)),
+    so memory is one chunk's interactions whatever the number of users, and the same options give
+    the same files. (Not the same rows as ``make_synthetic`` with that seed: its one generator runs
+    through all users at once.)
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    check_options(n_users, n_items, n_clusters, interactions_per_user, noise)
+    if chunk_users < 1:
+        raise DataError(f"chunk_users must be >= 1 (got {chunk_users})")
+    dest = Path(dest)
+    (dest / "interactions").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    item_ids = np.arange(1, n_items + 1, dtype=np.int64)
+    clusters = item_clusters(rng, n_items, n_clusters, zipf_a)
+    items = item_features(rng, clusters, item_ids)
+    items["tags"] = items["tags"].map(list)  # a Parquet list column: read back as a multi-valued feature
+    items.to_parquet(dest / "items.parquet")
+    del items
+    rows = 0
+    users_schema = pa.schema([("user_id", pa.string()), ("segment", pa.string()), ("age", pa.float64())])
+    with pq.ParquetWriter(dest / "users.parquet", users_schema) as users_out:
+        for k, start in enumerate(range(0, n_users, chunk_users)):
+            crng = np.random.default_rng([seed, k + 1])
+            user_ids = np.array([str(u) for u in range(start + 1, min(n_users, start + chunk_users) + 1)], dtype=object)
+            users, user_clusters = synthetic_users(crng, user_ids, n_clusters)
+            users_out.write_table(pa.Table.from_pandas(users.reset_index(), schema=users_schema, preserve_index=False))
+            user_pos, item_pos = synthetic_interactions(crng, clusters, user_clusters, interactions_per_user, noise)
+            ts = synthetic_timestamps(crng, user_pos, len(user_ids))
+            inter = interaction_log(user_ids, item_ids, user_pos, item_pos, ts)
+            inter.to_parquet(dest / "interactions" / f"part-{k:05d}.parquet", index=False)
+            rows += len(inter)
+            log.info("synthetic part %d: users %d-%d, %d interactions", k, start + 1, start + len(user_ids), len(inter))
+    return {"users": n_users, "items": n_items, "interactions": rows}

@@ -1,28 +1,37 @@
-"""The training job: ``run(TrainConfig(...)) -> TrainResult``.
+"""The training job: ``run(TrainConfig(...)) -> TrainResult``, in stages a reader can follow.
 
-Examples are YoutubeDNN-style next-item predictions: for every training interaction of a user (in
-time order) the user tower reads the items the user had BEFORE it (the last ``history_len``), the
-user's features and the user id (dropped to the out-of-vocabulary row with ``user_id_dropout`` so a
-new user served with an inline history still gets a trained path), and the label is the item.
-Everything is precomputed once as tensors: a (N, L) history matrix, encoded user/item feature
-tables gathered by row per batch.
+    run(cfg)
+      start_run        the version directory: a new one, or the interrupted one ``--resume`` names
+      prepare_data     load, split leave-last-out, fit the encoder, this rank's examples
+      build_model      towers (tied tables), optimisers, sampler, encoded side tables
+      TrainState       fresh, or restored from ``last.pt`` (the one dataclass that saves and restores)
+      train_epoch      one pass over this rank's batches
+      end_epoch        validate, keep the best epoch as ``model.pt``, save ``last.pt``
+      finish           test the best epoch, write metrics and curves, publish ``models/LATEST``
 
-Each epoch: a seeded shuffle (a function of (seed, epoch) only, so a resumed run replays the exact
-same batches), negatives from the chosen sampler, the retrieval loss, then validation HR@K with
-seen items masked via the shared evaluator. The best epoch is saved as ``model.pt``; ``last.pt``
-holds everything needed to resume. Nothing points at the version (``models/LATEST``) until it is
-complete.
+Examples are next-item predictions (training/pipeline.py): the user tower reads the items the user
+had before the label, the user's features and the user id (dropped to the out-of-vocabulary row
+with ``user_id_dropout`` so a new user served with an inline history still gets a trained path).
+Data order, negatives and dropout are functions of (seed, epoch, rank), so a resumed run replays
+exactly the batches of an uninterrupted one.
+
+Under ``torchrun`` every rank runs this same function (training/distributed.py): each trains on its
+own users' examples, the item vectors of every rank are gathered so the negatives are the global
+batch, and rank 0 alone writes files and shows progress. Nothing points at the version
+(``models/LATEST``) until it is complete.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +42,7 @@ from towers.artifacts import (
     LATEST,
     MODELS_DIR,
     atomic_open,
+    atomic_write,
     atomic_write_json,
     model_dir,
     new_version,
@@ -41,10 +51,13 @@ from towers.artifacts import (
 )
 from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
+from training.distributed import Dist, RankLostError, is_collective_failure
+from training.pipeline import MemoryBatches, build_examples, epoch_seed, loader, part_of
 
 log = logging.getLogger(__name__)
 
-STATE_FORMAT = "twotower-train-state/1"
+# /2: optimiser state split into the dense AdamW and the id tables' optimiser
+STATE_FORMAT = "twotower-train-state/2"
 
 
 @dataclass
@@ -56,48 +69,6 @@ class TrainResult:
     @property
     def model_path(self) -> Path:
         return self.dir / "model.pt"
-
-
-# ------------------------------------------------------------------------------------------------
-# example construction (vectorised)
-
-
-@dataclass
-class Examples:
-    """Next-item training examples in (user, time) order."""
-
-    user_rows: np.ndarray   # (N,) int64
-    item_rows: np.ndarray   # (N,) int64, the label
-    hist: np.ndarray        # (N, L) int64 item rows before the label, oldest first, 0-padded right
-    weights: np.ndarray     # (N,) float32
-
-
-def _rows_for(index: pd.Index, values: pd.Series | np.ndarray) -> np.ndarray:
-    """Row r >= 1 of each value in ``index`` (catalogue/user order), 0 when unknown."""
-    return (index.get_indexer(values) + 1).astype(np.int64)
-
-
-def build_examples(train: pd.DataFrame, user_index: pd.Index, item_index: pd.Index, history_len: int) -> Examples:
-    user_rows = _rows_for(user_index, train["user_id"].astype(str).to_numpy(dtype=object))
-    item_rows = _rows_for(item_index, train["item_id"].to_numpy())
-    keep = (user_rows > 0) & (item_rows > 0)
-    if not keep.all():
-        log.warning("%d training rows name users or items outside the tables; skipped", int((~keep).sum()))
-    ts = train["timestamp"].to_numpy(dtype=np.int64)[keep]
-    w = train["weight"].to_numpy(dtype=np.float64)[keep] if "weight" in train else np.ones(int(keep.sum()))
-    u, it = user_rows[keep], item_rows[keep]
-    n = len(u)
-    # time order per user; ties keep the log's order (the same rule as the split and the evaluator)
-    order = np.lexsort((np.arange(n), ts, u))
-    u, it, w = u[order], it[order], w[order]
-    first = np.searchsorted(u, u, side="left")  # index of each row's user's first example
-    pos = np.arange(n) - first  # how many earlier interactions this user has
-    k = np.minimum(pos, history_len)  # (N,) history length actually available
-    j = np.arange(history_len)[None, :]  # (1, L)
-    src = np.arange(n)[:, None] - k[:, None] + j  # (N, L) rows of the last k items before each label
-    valid = j < k[:, None]
-    hist = np.where(valid, it[np.clip(src, 0, max(n - 1, 0))], 0).astype(np.int64)
-    return Examples(user_rows=u, item_rows=it, hist=hist, weights=w.astype(np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,9 +148,593 @@ def idle_cores() -> int:
     return int(min(cores, max(1, round(cores - load))))
 
 
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    # one independent, reproducible stream per (seed, epoch, purpose)
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0] >> 1)
+# ------------------------------------------------------------------------------------------------
+# stage 1: the version directory
+
+
+@dataclass
+class RunDir:
+    cfg: TrainConfig        # on --resume: the interrupted run's settings, runtime fields from the new call
+    version: str
+    dir: Path
+    resuming: bool
+
+
+def start_run(cfg: TrainConfig, dist: Dist) -> RunDir:
+    """A new version directory (rank 0 names it, every rank uses it), or the one to resume."""
+    if cfg.resume:
+        mdir = resolve_resume_dir(cfg.artifacts, cfg.resume)
+        saved = json.loads((mdir / "config.json").read_text())["train"]
+        runtime = {k: getattr(cfg, k) for k in _RUNTIME_FIELDS}
+        dist.barrier()  # every rank has read the directory before rank 0 tidies it
+        if dist.is_main:
+            for marker in mdir.glob("paused-*"):  # left by a run stopped with the pause_at hook
+                marker.unlink(missing_ok=True)
+        return RunDir(TrainConfig.from_dict({**saved, **runtime}), mdir.name, mdir, True)
+    version = dist.broadcast(new_version())
+    run = RunDir(cfg, version, model_dir(cfg.artifacts, version), False)
+    if dist.is_main:
+        run.dir.mkdir(parents=True, exist_ok=False)
+    dist.barrier()
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 2: data
+
+
+@dataclass
+class Prepared:
+    """The data side of a run, whatever its source."""
+
+    data: Any                   # RecData: everything (in memory) or the evaluation sample (streamed)
+    split: Any                  # its Split
+    encoder: Any                # towers.features.FeatureEncoder (every user and item of the data)
+    batches: Any                # this rank's training.pipeline.EpochBatches
+    steps: int                  # batches per epoch, the same on every rank
+    counts: np.ndarray          # (N_items,) label counts over ALL ranks' examples (logQ, popularity)
+    history: tuple[np.ndarray, np.ndarray] | None  # (user rows, item rows) of this rank's examples,
+    #                             when the sampler masks the users' histories
+    weighted: bool              # some interaction weight is not 1
+    user_table: dict[str, Any]  # every user's side features, encoded by user row (CPU tensors)
+    item_table: dict[str, Any]  # every item's features, encoded by item row
+    eval_valid: Any             # training.evaluate.EvalSet | None (rank 0)
+    stats: dict[str, Any]       # sizes for config.json
+    stream_dir: Path | None = None  # streamed: the shard files (removed when the run is complete)
+
+
+def prepare_data(cfg: TrainConfig, dist: Dist, run: RunDir) -> Prepared:
+    """Data held in memory, or streamed from part files when the source is laid out for it."""
+    from training.stream import stream_source
+
+    kind, _, arg = cfg.data.strip().partition(":")
+    src = stream_source(arg, force=cfg.stream) if kind.lower() == "csv" and arg else None
+    if src is None:
+        if cfg.stream:
+            raise DataError(f"--stream reads csv:DIR data, not {cfg.data!r}")
+        return prepare_memory(cfg, dist, run)
+    return prepare_stream(cfg, dist, run, src)
+
+
+def _needs_history(cfg: TrainConfig) -> bool:
+    return (cfg.mask_history_hits or cfg.negatives == "hard") and cfg.negatives != "none"
+
+
+def _steps_and_batch(cfg: TrainConfig, dist: Dist, n_local: int) -> tuple[int, int]:
+    local_batch = max(1, math.ceil(cfg.batch_size / dist.world))
+    return dist.max_int(math.ceil(n_local / local_batch)), local_batch
+
+
+def prepare_memory(cfg: TrainConfig, dist: Dist, run: RunDir) -> Prepared:
+    from towers.features import FeatureEncoder
+    from training.data import load_data, split_leave_last_out
+    from training.evaluate import build_eval_set
+
+    data = load_data(cfg.data, **cfg.data_options)
+    split = split_leave_last_out(data)
+    if len(split.train) == 0:
+        raise DataError(f"data {cfg.data!r}: the training split is empty")
+    encoder = FeatureEncoder.fit(data.users, data.items, data.user_features, data.item_features,
+                                 history_len=cfg.history_len)
+    ex = build_examples(split.train, pd.Index(encoder.user_ids), pd.Index(encoder.item_ids), cfg.history_len)
+    if len(ex) == 0:
+        raise DataError(f"data {cfg.data!r}: no usable training interactions")
+    counts = np.bincount(ex.item_rows, minlength=len(encoder.item_ids) + 1)[1:].astype(np.float64)
+    rows = np.flatnonzero(part_of(ex.user_rows, dist.world) == dist.rank)  # this rank's users
+    steps, local_batch = _steps_and_batch(cfg, dist, len(rows))
+    batches = MemoryBatches(ex, rows, batch=local_batch, seed=cfg.seed, rank=dist.rank, full_batches=dist.active)
+    ev_valid = build_eval_set(data, split, "valid") if len(split.valid) and dist.is_main else None
+    if dist.is_main and not run.resuming:
+        write_data_snapshot(data, run.dir / "data")
+    stats = {"name": data.name, "users": len(data.users), "items": len(data.items),
+             "interactions": len(data.interactions), "train_rows": len(split.train), "valid_rows": len(split.valid),
+             "test_rows": len(split.test), "examples": len(ex)}
+    history = (ex.user_rows[rows], ex.item_rows[rows]) if _needs_history(cfg) else None
+    return Prepared(data, split, encoder, batches, steps, counts, history, bool((ex.weights != 1.0).any()),
+                    encoder.encode_user_table(data.users), encoder.encode_item_table(data.items), ev_valid, stats)
+
+
+def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepared:
+    """Part files read in chunks (training/stream.py): rank 0 partitions them by user into shards
+    once; every rank then reads only its own shards, one at a time."""
+    import torch
+
+    from towers.features import FeatureEncoder
+    from towers.schema import FeatureSpec
+    from training.evaluate import build_eval_set
+    from training.stream import (
+        Partitioned,
+        ShardBatches,
+        ShardReader,
+        eval_sample,
+        partition,
+        sample_recdata,
+        shard_count,
+        side_tables,
+        write_stream_snapshot,
+    )
+
+    sdir, ddir = run.dir / "stream", run.dir / "data"
+    if dist.is_main:
+        usable = (sdir / "meta.json").is_file() and Partitioned.load(sdir).shards % dist.world == 0
+        if not usable:
+            from training.stream import count_rows
+
+            shards = shard_count(count_rows(src), cfg.shard_rows, dist.world)
+            log.info("partitioning %s into %d shards of its users", src.directory, shards)
+            part, user_ids, item_texts = partition(src, sdir, shards)
+            users, uspecs, items, ispecs, as_int = side_tables(src, user_ids, item_texts, part.item_id_is_int)
+            part.item_id_is_int = as_int
+            part.specs = {"user": [f.to_dict() for f in uspecs], "item": [f.to_dict() for f in ispecs]}
+            part.save()
+            if not run.resuming:
+                write_stream_snapshot(part, users, items, ddir)
+    dist.barrier()
+    part = Partitioned.load(sdir)
+    users = pd.read_parquet(ddir / "users.parquet")
+    items = pd.read_parquet(ddir / "items.parquet")
+    users.index = pd.Index(users.index.astype(str).to_numpy(dtype=object), dtype=object, name="user_id")
+    uspecs = [FeatureSpec.from_dict(f) for f in part.specs["user"]]
+    ispecs = [FeatureSpec.from_dict(f) for f in part.specs["item"]]
+    encoder = FeatureEncoder.fit(users, items, uspecs, ispecs, history_len=cfg.history_len)
+    user_table, item_table = encoder.encode_user_table(users), encoder.encode_item_table(items)
+    reader = ShardReader(part, encoder, cfg.history_len)
+    mine = [s for s in range(part.shards) if s % dist.world == dist.rank]
+
+    # one look at every shard of this rank before training: how many examples, label counts (logQ
+    # and popularity are global), and on rank 0 the evaluation sample
+    counts = np.zeros(len(encoder.item_ids) + 1, dtype=np.float64)
+    sizes = np.zeros(6, dtype=np.float64)  # interactions, train, valid, test, examples, weighted examples
+    hist_u, hist_i, sample = [], [], []
+    need_history = _needs_history(cfg)
+    share = min(1.0, cfg.eval_users * dist.world / max(len(users), 1))
+    for s in mine:
+        sd = reader.read(s)
+        sp, ex = sd.split, sd.examples
+        counts += np.bincount(ex.item_rows, minlength=len(counts))
+        sizes += [len(sp.train) + len(sp.valid) + len(sp.test), len(sp.train), len(sp.valid), len(sp.test), len(ex),
+                  int((ex.weights != 1.0).sum())]
+        if need_history:
+            hist_u.append(ex.user_rows)
+            hist_i.append(ex.item_rows)
+        if dist.is_main and len(sp.valid):
+            keep = eval_sample(sp.valid["user_id"].to_numpy(dtype=object), share)
+            chosen = pd.Index(sp.valid["user_id"].to_numpy(dtype=object)[keep])
+            sample.append(type(sp)(*(getattr(sp, k).loc[getattr(sp, k)["user_id"].isin(chosen)]
+                                     for k in ("train", "valid", "test"))))
+    n_local = int(sizes[4])
+    counts = dist.sum(torch.from_numpy(counts)).numpy()
+    total = dist.sum(torch.from_numpy(sizes)).numpy()
+    if total[4] == 0:
+        raise DataError(f"data {cfg.data!r}: no usable training interactions")
+    steps, local_batch = _steps_and_batch(cfg, dist, n_local)
+    batches = ShardBatches(reader, mine, batch=local_batch, seed=cfg.seed, rank=dist.rank, full_batches=dist.active)
+    data, split = sample_recdata(f"csv:{src.directory.name}", sample, users, items, uspecs, ispecs)
+    n_users, n_items = len(users), len(items)
+    del users  # the sample keeps its own rows; the encoder and the encoded table hold the rest
+    ev_valid = build_eval_set(data, split, "valid") if dist.is_main and len(split.valid) else None
+    if ev_valid is not None:
+        log.info("validation and test on a sample of %d users (eval_users %d)", ev_valid.n_users, cfg.eval_users)
+    stats = {"name": data.name, "users": n_users, "items": n_items, "interactions": int(total[0]),
+             "train_rows": int(total[1]), "valid_rows": int(total[2]), "test_rows": int(total[3]),
+             "examples": int(total[4]), "shards": part.shards, "eval_users": ev_valid.n_users if ev_valid else 0}
+    history = (np.concatenate(hist_u), np.concatenate(hist_i)) if hist_u else None
+    return Prepared(data, split, encoder, batches, steps, counts[1:], history, bool(total[5] > 0), user_table,
+                    item_table, ev_valid, stats, stream_dir=sdir)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 3: the model
+
+
+def _tower_pair_class() -> Any:
+    from torch import nn
+
+    class _TowerPair(nn.Module):
+        """Both towers as one module: what DistributedDataParallel wraps (its forward must produce every
+        output whose parameters' gradients it averages)."""
+
+        def __init__(self, user_tower: nn.Module, item_tower: nn.Module) -> None:
+            super().__init__()
+            self.user_tower, self.item_tower = user_tower, item_tower
+
+        def forward(self, ubatch: dict[str, Any], ibatch: dict[str, Any]) -> tuple[Any, Any]:
+            return self.user_tower(ubatch), self.item_tower(ibatch)
+
+    return _TowerPair
+
+
+@dataclass
+class Built:
+    model: Any                  # towers.checkpoint.TwoTowerModel (the towers being trained)
+    pair: Any                   # the towers as one module, DDP-wrapped when there are several ranks
+    optimizers: Any             # training.optim.Optimizers
+    sampler: Any                # training.samplers.NegativeSampler
+    hist_mask: Any              # training.samplers.HistoryMask | None
+    user_table: dict[str, Any]  # encoded user side features, by user row
+    item_table: dict[str, Any]  # encoded item features, by item row
+    device: Any
+    loss_name: str
+    full_items: bool            # small catalogue: embed every item each step instead of gathering
+    use_weights: bool
+
+
+def build_model(cfg: TrainConfig, prep: Prepared, version: str, device: Any, dist: Dist) -> Built:
+    import torch
+
+    from towers.checkpoint import TwoTowerModel
+    from training.optim import build_optimizers
+    from training.samplers import HistoryMask, make_sampler
+
+    torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP broadcasts only the rest)
+    model = TwoTowerModel.create(cfg.tower_config(), prep.encoder, meta={"model_version": version})
+    assert model.user_tower is not None and model.item_tower is not None
+    user_tower, item_tower = model.user_tower.to(device), model.item_tower.to(device)
+    if cfg.tie_embeddings and user_tower.hist_emb is not None and item_tower.id_emb is not None:
+        if user_tower.hist_emb.weight.shape != item_tower.id_emb.weight.shape:
+            raise ValueError(f"tie_embeddings needs emb_dim == dim for {cfg.model} "
+                             f"(history table {tuple(user_tower.hist_emb.weight.shape)}, "
+                             f"item table {tuple(item_tower.id_emb.weight.shape)})")
+        # one Parameter, two modules: each tower still saves (and later loads) its own copy
+        user_tower.hist_emb.weight = item_tower.id_emb.weight
+    optimizers = build_optimizers([user_tower, item_tower], kind=cfg.embedding_optimizer, lr=cfg.lr,
+                                  table_lr=cfg.table_lr, weight_decay=cfg.weight_decay)
+    pair = _tower_pair_class()(user_tower, item_tower)
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # the id tables' row-sparse gradients are averaged by Dist.average_table_grads (NCCL cannot
+        # all-reduce sparse tensors; see training/distributed.py)
+        table_ids = {id(p) for p in optimizers.table_params}
+        ignore = [n for n, p in pair.named_parameters(remove_duplicate=False) if id(p) in table_ids]
+        DDP._set_params_and_buffers_to_ignore_for_model(pair, ignore)
+        pair = DDP(pair, device_ids=[device.index] if device.type == "cuda" else None)
+
+    enc = prep.encoder
+    n_items = len(enc.item_ids)
+    # every rank draws an equal slice of the shared pool: round it up to a multiple of the ranks
+    num_negatives = math.ceil(cfg.num_negatives / dist.world) * dist.world
+    sampler = make_sampler(cfg.negatives, n_items, prep.counts, num_negatives=num_negatives,
+                           alpha=cfg.popularity_alpha, hard_negatives=cfg.hard_negatives)
+    hist_mask = (HistoryMask.build(*prep.history, enc.n_user_rows, enc.n_item_rows).to(device)
+                 if prep.history is not None else None)
+    return Built(
+        model=model, pair=pair, optimizers=optimizers, sampler=sampler, hist_mask=hist_mask,
+        user_table={k: v.to(device) for k, v in prep.user_table.items()},
+        item_table={k: v.to(device) for k, v in prep.item_table.items()},
+        device=device, loss_name="positive" if cfg.negatives == "none" else cfg.loss,
+        full_items=enc.n_item_rows <= cfg.batch_size + sampler.num_extra,
+        use_weights=prep.weighted,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 4: the state that survives a restart
+
+
+@dataclass
+class TrainState:
+    """Everything a resumed run needs besides the config, written to ``last.pt`` after every epoch.
+
+    The resume keys are this dataclass's fields plus the weights, the optimisers and the RNG; they
+    are written and read in ``save``/``restore`` and nowhere else.
+    """
+
+    epoch: int = 0                      # the last finished epoch
+    best_hr: float = -1.0               # best validation HR@K so far (-1: none yet)
+    best_epoch: int = 0
+    bad_epochs: int = 0                 # epochs since the best one
+    finished: bool = False              # early-stopped or all epochs done
+    epochs: list[dict[str, Any]] = field(default_factory=list)  # one record per epoch (metrics.json)
+
+    def save(self, path: Path, built: Built) -> None:
+        import torch
+
+        from towers.checkpoint import atomic_torch_save, checkpoint_payload
+
+        atomic_torch_save({
+            "format": STATE_FORMAT, "epoch": self.epoch, "best_hr": self.best_hr, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "finished": self.finished, "epochs_json": json.dumps(self.epochs),
+            "model": checkpoint_payload(built.model), "optimizer": built.optimizers.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }, path)
+
+    @classmethod
+    def restore(cls, path: Path, built: Built) -> TrainState:
+        import torch
+
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"cannot read resume state ({exc.__class__.__name__}: {exc})", path=path) from exc
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+            found = saved.get("format") if isinstance(saved, dict) else None
+            raise DataError(f"not a {STATE_FORMAT} file (found {found!r}: written by another version of "
+                            "the training job, which cannot be resumed by this one)", path=path)
+        model = built.model
+        model.user_tower.load_state_dict(saved["model"]["user_tower"])
+        model.item_tower.load_state_dict(saved["model"]["item_tower"])
+        built.optimizers.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["torch_rng"])
+        return cls(epoch=int(saved["epoch"]), best_hr=float(saved["best_hr"]), best_epoch=int(saved["best_epoch"]),
+                   bad_epochs=int(saved["bad_epochs"]), finished=bool(saved["finished"]),
+                   epochs=json.loads(saved["epochs_json"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 5: one epoch
+
+
+def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any], gen_neg: Any,
+               gen_drop: Any) -> Any:
+    """The loss of one batch on this rank: its users against the candidates of EVERY rank (all
+    positives, then the shared pool of sampled negatives), so the negatives are the global batch.
+
+    Returns this rank's share of the global mean: averaged over ranks (as DDP averages gradients),
+    it is the loss one process computes on the concatenated batch.
+    """
+    import torch
+
+    from towers.features import gather_rows
+    from training.losses import retrieval_loss
+
+    dev, sampler, W, r = built.device, built.sampler, dist.world, dist.rank
+    urows = batch["user_row"].to(dev)  # (b,)
+    b = urows.shape[0]
+    ubatch = gather_rows(built.user_table, urows)
+    ubatch["hist"] = batch["hist"].to(dev)  # (b, L)
+    if cfg.user_id_dropout > 0:
+        drop = (torch.rand(b, generator=gen_drop) < cfg.user_id_dropout).to(dev)
+        ubatch["user_row"] = urows.masked_fill(drop, 0)
+    pos = batch["item_row"].to(dev)  # (b,)
+    pool = sampler.extra(b * W, gen_neg).to(dev)  # (M,) the same on every rank: one shared generator
+    m = pool.shape[0] // W
+    mine = torch.cat([pos, pool[r * m:(r + 1) * m]])  # (b + m,) the candidates this rank embeds
+    others = [j for j in range(W) if j != r]
+    if built.full_items:
+        u, v_all = built.pair(ubatch, built.item_table)  # (b, D), (N + 1, D)
+        rows = dist.gather(pos)
+        cand = torch.cat([rows[r]] + [rows[j] for j in others] + [pool])  # (W b + M,)
+        v = v_all[cand]
+    else:
+        u, v_mine = built.pair(ubatch, gather_rows(built.item_table, mine))  # (b, D), (b + m, D)
+        vs, rows = dist.gather_with_grad(v_mine), dist.gather(mine)
+        order = [r] + others
+        v = torch.cat([vs[j][:b] for j in order] + [vs[j][b:] for j in range(W)])  # (W b + M, D)
+        cand = torch.cat([rows[j][:b] for j in order] + [rows[j][b:] for j in range(W)])
+    global_b = b * W
+    logq = sampler.log_expected_count(cand.cpu(), global_b).to(dev)
+    hm = built.hist_mask(urows, cand) if built.hist_mask is not None else None
+    per_row = retrieval_loss(u, v, cand, logq, temperature=cfg.temperature, loss=built.loss_name,
+                             logq_correction=cfg.logq_correction, mask_accidental_hits=True,
+                             in_batch_negatives=sampler.in_batch, history_mask=hm,
+                             hard_negatives=sampler.hard_negatives, reduction="none")  # (b,)
+    if not built.use_weights:
+        return per_row.mean()
+    w = batch["weight"].to(dev).to(per_row.dtype)
+    total_w = dist.sum(w.sum().detach())
+    return (per_row * w).sum() * W / total_w.clamp_min(1e-12)
+
+
+def total_steps(cfg: TrainConfig, steps: int) -> int:
+    """Optimiser steps of the whole run: every epoch, or the ``max_steps`` budget if smaller."""
+    return min(cfg.epochs * steps, cfg.max_steps) if cfg.max_steps else cfg.epochs * steps
+
+
+def train_epoch(cfg: TrainConfig, built: Built, batches: Any, steps: int, epoch: int, dist: Dist,
+                mdir: Path, show_bar: bool) -> dict[str, Any]:
+    """One pass over this rank's batches: loss, backward, the id tables' gradients averaged over ranks,
+    optimiser step. Returns the epoch's record (loss and examples/s over every rank)."""
+    import torch
+
+    built.pair.train()
+    gen_neg = torch.Generator(device="cpu").manual_seed(epoch_seed(cfg.seed, epoch, 1))  # shared by ranks
+    gen_drop = torch.Generator(device="cpu").manual_seed(epoch_seed(cfg.seed, epoch, 3, dist.rank))
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, 2, dist.rank))  # dropout layers
+    pause = tuple(int(x) for x in cfg.pause_at.split(":")) if cfg.pause_at else None
+    run_steps = total_steps(cfg, steps)
+    todo = max(0, min(steps, run_steps - (epoch - 1) * steps))  # the max_steps budget may end it early
+    batches.dataset.set_epoch(epoch)  # (before the loader's iterator: workers get a copy)
+    bar = None
+    if show_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=todo, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
+    t0 = time.perf_counter()
+    total_loss, seen = 0.0, 0
+    opts = built.optimizers
+    for s, batch in enumerate(itertools.islice(batches, todo)):
+        b = int(batch["item_row"].shape[0])
+        if b * dist.world < 2 and built.sampler.in_batch and built.sampler.num_extra == 0:
+            continue  # a lone row has no in-batch negative
+        try:
+            loss = batch_loss(cfg, built, dist, batch, gen_neg, gen_drop)
+            if cfg.lr_schedule == "cosine":
+                # a function of the global step only, so a resumed run follows the same curve
+                opts.set_lr_factor(0.5 * (1.0 + math.cos(math.pi * ((epoch - 1) * steps + s) / max(1, run_steps))))
+            opts.zero_grad()
+            loss.backward()
+            dist.average_table_grads(opts.table_params)
+            opts.step()
+        except RuntimeError as exc:
+            if dist.active and is_collective_failure(exc):
+                raise RankLostError(f"rank {dist.rank}: a collective failed in epoch {epoch} step {s} ({exc}); "
+                                  "another rank has probably died. The job stops; continue it from the last "
+                                  f"completed epoch with --resume {mdir.name}") from exc
+            raise
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training diverged at epoch {epoch} step {s} (loss {lv}); "
+                                     "try a lower --lr or a higher --temperature")
+        total_loss += lv * b
+        seen += b
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{lv:.4f}",
+                            samples_s=f"{seen * dist.world / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if pause == (epoch, s + 1):
+            _wait_to_be_killed(mdir, dist.rank, epoch, s + 1)
+    if bar is not None:
+        bar.close()
+    train_s = time.perf_counter() - t0
+    loss_sum, n = dist.sum(torch.tensor([total_loss, float(seen)], dtype=torch.float64)).tolist()
+    return {"epoch": epoch, "loss": loss_sum / max(n, 1.0), "samples_per_s": n / max(train_s, 1e-9),
+            "train_s": train_s, "steps": todo, "last": (epoch - 1) * steps + todo >= run_steps}
+
+
+def _wait_to_be_killed(mdir: Path, rank: int, epoch: int, step: int) -> None:
+    """The ``pause_at`` test hook: say where we are in a file, then do nothing until killed."""
+    atomic_write(mdir / f"paused-{rank}", f"{epoch}:{step} {os.getpid()}\n")
+    log.warning("rank %d paused after epoch %d step %d as asked (pause_at); waiting to be killed", rank, epoch, step)
+    while True:
+        time.sleep(3600)
+
+
+# ------------------------------------------------------------------------------------------------
+# stage 6: the end of an epoch and of the run
+
+
+def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist) -> float | None:
+    """Validation HR@K with seen items masked (rank 0 scores, every rank gets the number)."""
+    from training.evaluate import evaluate_model
+
+    hr = None
+    if dist.is_main and prep.eval_valid is not None:
+        res = evaluate_model(built.model, prep.data, prep.split, which="valid", ks=(cfg.eval_k,),
+                             mask_seen="masked", ev=prep.eval_valid)
+        hr = float(res["masked"][f"HR@{cfg.eval_k}"])
+    built.pair.train()
+    return dist.broadcast(hr)
+
+
+def end_epoch(cfg: TrainConfig, state: TrainState, built: Built, run: RunDir, record: dict[str, Any],
+              hr: float | None, dist: Dist) -> None:
+    """Book-keeping after an epoch: best epoch -> model.pt, early stopping, last.pt (rank 0 writes)."""
+    from towers.checkpoint import save_checkpoint
+
+    improved = hr is None or hr > state.best_hr + 1e-12
+    if improved:
+        state.best_hr, state.best_epoch, state.bad_epochs = (hr if hr is not None else state.best_hr), record["epoch"], 0
+        if dist.is_main:
+            save_checkpoint(run.dir / "model.pt", built.model,
+                            meta={"model_version": run.version, "epoch": record["epoch"],
+                                  f"valid_hr@{cfg.eval_k}": hr, "data": cfg.data})
+    else:
+        state.bad_epochs += 1
+    record["valid_hr"] = hr
+    state.epochs.append(record)
+    state.epoch = record["epoch"]
+    if dist.is_main:
+        msg = (f"epoch {state.epoch}: loss {record['loss']:.4f}, valid HR@{cfg.eval_k} "
+               f"{'-' if hr is None else f'{hr:.4f}'}, {record['samples_per_s']:.0f} samples/s, "
+               f"{record['train_s']:.1f}s" + (f" ({dist.world} ranks)" if dist.active else ""))
+        log.info(msg)
+        if not cfg.quiet and not log.isEnabledFor(logging.INFO):
+            print(msg, file=sys.stderr)
+    if state.bad_epochs >= cfg.patience:
+        if dist.is_main:
+            log.info("early stopping: no better valid HR@%d for %d epochs (best %.4f at epoch %d)",
+                     cfg.eval_k, cfg.patience, state.best_hr, state.best_epoch)
+        state.finished = True
+    if record.pop("last"):  # all epochs, or the max_steps budget, done
+        state.finished = True
+    if dist.is_main:
+        state.save(run.dir / "last.pt", built)
+
+
+def write_config(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built) -> None:
+    """config.json: the settings, the tower config, the data's sizes and the sampler."""
+    _write_json(run.dir / "config.json", {
+        "model_version": run.version,
+        # the spec that reloads exactly this data: synthetic data with options is reloaded from the
+        # snapshot (the evaluator's --data default), file data from its source
+        "data": cfg.data if cfg.data.strip().lower() != "synthetic" else f"csv:{(run.dir / 'data').resolve()}",
+        "train": cfg.to_dict(),
+        "tower": cfg.tower_config().to_dict(),
+        "dataset": prep.stats,
+        "sampler": built.sampler.describe(),
+    })
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: TrainState, device: Any,
+           threads: int, times: dict[str, float], resumed_from: int | None, dist: Dist) -> TrainResult:
+    """Rank 0: the best epoch on the test split (masked and raw), metrics.json, curves.png, LATEST."""
+    import torch
+
+    from towers.checkpoint import load_checkpoint
+    from training.evaluate import evaluate_model
+    from training.plots import plot_curves
+
+    rss = [float(x) for x in dist.gather(torch.tensor([peak_rss_mb()], dtype=torch.float64))]
+    if not dist.is_main:
+        return TrainResult(run.version, run.dir, {"rank": dist.rank, "epochs": state.epochs})
+    split = prep.split
+    # the weights in memory ARE model.pt when the last epoch was the best (always with a step budget
+    # of one epoch): reloading would hold a second copy of every table at once
+    best = built.model if state.best_epoch == state.epoch else load_checkpoint(run.dir / "model.pt")
+    test = evaluate_model(best, prep.data, split, which="test", ks=(10, 50, 100)) if len(split.test) else None
+    metrics: dict[str, Any] = {
+        "model_version": run.version,
+        "data": cfg.data,
+        "model": cfg.model,
+        "negatives": cfg.negatives,
+        "loss": "positive" if cfg.negatives == "none" else cfg.loss,
+        "embedding_optimizer": cfg.embedding_optimizer,
+        "epochs": state.epochs,
+        "best_epoch": state.best_epoch,
+        f"best_valid_hr@{cfg.eval_k}": state.best_hr if state.best_hr >= 0 else None,
+        "test": test,
+        "device": str(device),
+        "ranks": dist.world,
+        "threads": threads if device.type == "cpu" else None,
+        "wall_time_s": time.perf_counter() - times["start"],
+        "prepare_s": times["prepare"],
+        "train_time_s": sum(e["train_s"] for e in state.epochs),
+        "steps": sum(e.get("steps", 0) for e in state.epochs),
+        "peak_rss_mb": rss[0],
+        "peak_rss_mb_per_rank": rss,
+        "cuda_max_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    }
+    if resumed_from is not None:
+        metrics["resumed_from_epoch"] = resumed_from
+    _write_json(run.dir / "metrics.json", metrics)
+    plot_curves(state.epochs, run.dir / "curves.png", k=cfg.eval_k,
+                title=f"{cfg.model} / {cfg.negatives} on {prep.data.name}")
+    update_latest(run.dir.parent, run.version)
+    if prep.stream_dir is not None:
+        shutil.rmtree(prep.stream_dir, ignore_errors=True)  # the shards only served this run
+    if test is not None:
+        log.info("model %s: test HR@50 masked %.4f raw %.4f (best epoch %d) in %.1fs, peak memory %.0f MiB",
+                 run.version, test["masked"]["HR@50"], test["raw"]["HR@50"], state.best_epoch,
+                 metrics["wall_time_s"], max(rss))
+    return TrainResult(run.version, run.dir, metrics)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,252 +745,41 @@ def run(cfg: TrainConfig) -> TrainResult:
     """Train, validate each epoch, early-stop, test the best epoch, write the model version."""
     import torch
 
-    from towers.checkpoint import TwoTowerModel, atomic_torch_save, checkpoint_payload, load_checkpoint
-    from towers.features import FeatureEncoder, gather_rows
-    from training.data import load_data, split_leave_last_out
-    from training.evaluate import build_eval_set, evaluate_model
-    from training.losses import retrieval_loss
-    from training.plots import plot_curves
-    from training.samplers import HistoryMask, make_sampler
-
     t_start = time.perf_counter()
-    resume_state: dict[str, Any] | None = None
-    if cfg.resume:
-        mdir = resolve_resume_dir(cfg.artifacts, cfg.resume)
-        saved = json.loads((mdir / "config.json").read_text())["train"]
-        runtime = {k: getattr(cfg, k) for k in _RUNTIME_FIELDS}
-        cfg = TrainConfig.from_dict({**saved, **runtime})
-        version = mdir.name
-        try:
-            resume_state = torch.load(mdir / "last.pt", map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise DataError(f"cannot read resume state ({exc.__class__.__name__}: {exc})",
-                            path=mdir / "last.pt") from exc
-        if not isinstance(resume_state, dict) or resume_state.get("format") != STATE_FORMAT:
-            raise DataError(f"not a {STATE_FORMAT} file", path=mdir / "last.pt")
-        log.info("resuming %s after epoch %d", version, resume_state["epoch"])
-    else:
-        version = new_version()
-        mdir = Path(cfg.artifacts) / "models" / version
-    models_dir = mdir.parent
-
-    threads = cfg.num_threads or idle_cores()
-    torch.set_num_threads(threads)
     device = _pick_device(cfg.device)
+    dist = Dist.from_env(device.type)
+    try:
+        if dist.active and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        run_dir = start_run(cfg, dist)
+        cfg = run_dir.cfg
+        threads = cfg.num_threads or max(1, idle_cores() // dist.local_world)
+        torch.set_num_threads(threads)
 
-    # ---- data
-    data = load_data(cfg.data, **cfg.data_options)
-    split = split_leave_last_out(data)
-    if len(split.train) == 0:
-        raise DataError(f"data {cfg.data!r}: the training split is empty")
-    encoder = FeatureEncoder.fit(data.users, data.items, data.user_features, data.item_features,
-                                 history_len=cfg.history_len)
-    user_index = pd.Index(encoder.user_ids)
-    item_index = pd.Index(encoder.item_ids)
-    ex = build_examples(split.train, user_index, item_index, cfg.history_len)
-    n_ex = len(ex.item_rows)
-    if n_ex == 0:
-        raise DataError(f"data {cfg.data!r}: no usable training interactions")
-    n_items = len(encoder.item_ids)
-    counts = np.bincount(ex.item_rows, minlength=n_items + 1)[1:].astype(np.float64)  # (N,) label counts
-    has_valid = len(split.valid) > 0
-    ev_valid = build_eval_set(data, split, "valid") if has_valid else None
+        t_prep = time.perf_counter()
+        prep = prepare_data(cfg, dist, run_dir)
+        times = {"start": t_start, "prepare": time.perf_counter() - t_prep}
+        built = build_model(cfg, prep, run_dir.version, device, dist)
+        state = TrainState()
+        if run_dir.resuming:
+            state = TrainState.restore(run_dir.dir / "last.pt", built)
+            log.info("resuming %s after epoch %d", run_dir.version, state.epoch)
+        resumed_from = state.epoch if run_dir.resuming else None
+        if dist.is_main:
+            write_config(cfg, run_dir, prep, built)
 
-    # ---- model, tables and sampler
-    torch.manual_seed(cfg.seed)
-    tower_cfg = cfg.tower_config()
-    model = TwoTowerModel.create(tower_cfg, encoder, meta={"model_version": version})
-    assert model.user_tower is not None and model.item_tower is not None
-    user_tower, item_tower = model.user_tower.to(device), model.item_tower.to(device)
-    if cfg.tie_embeddings and user_tower.hist_emb is not None and item_tower.id_emb is not None:
-        if user_tower.hist_emb.weight.shape != item_tower.id_emb.weight.shape:
-            raise ValueError(f"tie_embeddings needs emb_dim == dim for {cfg.model} "
-                             f"(history table {tuple(user_tower.hist_emb.weight.shape)}, "
-                             f"item table {tuple(item_tower.id_emb.weight.shape)})")
-        # one Parameter, two modules: each tower still saves (and later loads) its own copy
-        user_tower.hist_emb.weight = item_tower.id_emb.weight
-    params = list({id(p): p for m in (user_tower, item_tower) for p in m.parameters()}.values())
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    user_table = {k: v.to(device) for k, v in encoder.encode_user_table(data.users).items()}
-    item_table = {k: v.to(device) for k, v in encoder.encode_item_table(data.items).items()}
-    t_user_rows = torch.from_numpy(ex.user_rows).to(device)
-    t_item_rows = torch.from_numpy(ex.item_rows).to(device)
-    t_hist = torch.from_numpy(ex.hist).to(device)
-    t_w = torch.from_numpy(ex.weights).to(device)
-    use_weights = bool((ex.weights != 1.0).any())
-    sampler = make_sampler(cfg.negatives, n_items, counts, num_negatives=cfg.num_negatives,
-                           alpha=cfg.popularity_alpha, hard_negatives=cfg.hard_negatives)
-    hist_mask = (HistoryMask.build(ex.user_rows, ex.item_rows, encoder.n_user_rows, encoder.n_item_rows).to(device)
-                 if (cfg.mask_history_hits or sampler.name == "hard") and sampler.name != "none" else None)
-    loss_name = "positive" if cfg.negatives == "none" else cfg.loss
-    # small catalogues: embedding every item once per step is cheaper than gathering candidates
-    full_items = encoder.n_item_rows <= cfg.batch_size + sampler.num_extra
-
-    # ---- bookkeeping, possibly restored
-    epochs_log: list[dict[str, Any]] = []
-    best_hr, best_epoch, bad_epochs, start_epoch, finished = -1.0, 0, 0, 1, False
-    if resume_state is not None:
-        user_tower.load_state_dict(resume_state["model"]["user_tower"])
-        item_tower.load_state_dict(resume_state["model"]["item_tower"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        epochs_log = json.loads(resume_state["epochs_json"])
-        best_hr, best_epoch = float(resume_state["best_hr"]), int(resume_state["best_epoch"])
-        bad_epochs, finished = int(resume_state["bad_epochs"]), bool(resume_state["finished"])
-        start_epoch = int(resume_state["epoch"]) + 1
-        torch.set_rng_state(resume_state["torch_rng"])
-    else:
-        mdir.mkdir(parents=True, exist_ok=False)
-        write_data_snapshot(data, mdir / "data")
-    config_doc = {
-        "model_version": version,
-        # the spec that reloads exactly this data: synthetic data with options is reloaded from the
-        # snapshot (the evaluator's --data default), file data from its source
-        "data": cfg.data if cfg.data.strip().lower() != "synthetic" else f"csv:{(mdir / 'data').resolve()}",
-        "train": cfg.to_dict(),
-        "tower": tower_cfg.to_dict(),
-        "dataset": {"name": data.name, "users": len(data.users), "items": len(data.items),
-                    "interactions": len(data.interactions), "train_rows": len(split.train),
-                    "valid_rows": len(split.valid), "test_rows": len(split.test), "examples": n_ex},
-        "sampler": sampler.describe(),
-    }
-    _write_json(mdir / "config.json", config_doc)
-
-    def save_state(epoch: int) -> None:
-        state = {
-            "format": STATE_FORMAT, "epoch": epoch, "model": checkpoint_payload(model),
-            "optimizer": optimizer.state_dict(), "best_hr": best_hr, "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs, "finished": finished, "epochs_json": json.dumps(epochs_log),
-            "torch_rng": torch.get_rng_state(),
-        }
-        atomic_torch_save(state, mdir / "last.pt")
-
-    def validate() -> float | None:
-        if ev_valid is None:
-            return None
-        res = evaluate_model(model, data, split, which="valid", ks=(cfg.eval_k,), mask_seen="masked", ev=ev_valid)
-        user_tower.train()
-        item_tower.train()
-        return float(res["masked"][f"HR@{cfg.eval_k}"])
-
-    show_bar = not cfg.quiet and sys.stderr.isatty()
-    steps = math.ceil(n_ex / cfg.batch_size)
-    epoch = start_epoch - 1
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        if finished:
-            break
-        user_tower.train()
-        item_tower.train()
-        # data order, negatives and dropout are functions of (seed, epoch): resume replays them exactly
-        perm = torch.from_numpy(np.random.default_rng(_epoch_seed(cfg.seed, epoch, 0)).permutation(n_ex)).to(device)
-        gen = torch.Generator(device="cpu").manual_seed(_epoch_seed(cfg.seed, epoch, 1))
-        torch.manual_seed(_epoch_seed(cfg.seed, epoch, 2))
-        t0 = time.perf_counter()
-        total_loss, seen = 0.0, 0
-        bar = None
-        if show_bar:
-            from tqdm import tqdm
-
-            bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False)
-        for s in range(steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            B = idx.shape[0]
-            if B < 2 and sampler.in_batch and sampler.num_extra == 0:
-                continue  # a lone row has no in-batch negative
-            urows = t_user_rows[idx]  # (B,)
-            ubatch = gather_rows(user_table, urows)
-            ubatch["hist"] = t_hist[idx]  # (B, L)
-            if cfg.user_id_dropout > 0:
-                drop = (torch.rand(B, generator=gen) < cfg.user_id_dropout).to(device)
-                ubatch["user_row"] = urows.masked_fill(drop, 0)
-            pos = t_item_rows[idx]  # (B,)
-            cand = torch.cat([pos, sampler.extra(B, gen).to(device)])  # (B + M,)
-            u = user_tower(ubatch)  # (B, D)
-            if full_items:
-                v = item_tower(item_table)[cand]  # (N + 1, D) -> (B + M, D)
-            else:
-                v = item_tower(gather_rows(item_table, cand))  # (B + M, D)
-            logq = sampler.log_expected_count(cand.cpu(), B).to(device)
-            hm = hist_mask(urows, cand) if hist_mask is not None else None
-            loss = retrieval_loss(u, v, cand, logq, temperature=cfg.temperature, loss=loss_name,
-                                  logq_correction=cfg.logq_correction, mask_accidental_hits=True,
-                                  in_batch_negatives=sampler.in_batch, history_mask=hm,
-                                  hard_negatives=sampler.hard_negatives,
-                                  weights=t_w[idx] if use_weights else None)
-            if cfg.lr_schedule == "cosine":
-                # a function of the global step only, so a resumed run follows the same curve
-                frac = ((epoch - 1) * steps + s) / max(1, cfg.epochs * steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * 0.5 * (1.0 + math.cos(math.pi * frac))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            lv = float(loss.detach())
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"training diverged at epoch {epoch} step {s} (loss {lv}); "
-                                         "try a lower --lr or a higher --temperature")
-            total_loss += lv * B
-            seen += B
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{lv:.4f}", samples_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-        if bar is not None:
-            bar.close()
-        train_s = time.perf_counter() - t0
-        hr = validate()
-        improved = hr is None or hr > best_hr + 1e-12
-        if improved:
-            best_hr, best_epoch, bad_epochs = (hr if hr is not None else best_hr), epoch, 0
-            from towers.checkpoint import save_checkpoint
-
-            save_checkpoint(mdir / "model.pt", model, meta={"model_version": version, "epoch": epoch,
-                                                            f"valid_hr@{cfg.eval_k}": hr, "data": cfg.data})
-        else:
-            bad_epochs += 1
-        record = {"epoch": epoch, "loss": total_loss / max(seen, 1), "valid_hr": hr,
-                  "samples_per_s": seen / max(train_s, 1e-9), "train_s": train_s,
-                  "eval_s": time.perf_counter() - t0 - train_s}
-        epochs_log.append(record)
-        msg = (f"epoch {epoch}: loss {record['loss']:.4f}, valid HR@{cfg.eval_k} "
-               f"{'-' if hr is None else f'{hr:.4f}'}, {record['samples_per_s']:.0f} samples/s, {train_s:.1f}s")
-        log.info(msg)
-        if not cfg.quiet and not log.isEnabledFor(logging.INFO):
-            print(msg, file=sys.stderr)
-        if bad_epochs >= cfg.patience:
-            log.info("early stopping: no better valid HR@%d for %d epochs (best %.4f at epoch %d)",
-                     cfg.eval_k, cfg.patience, best_hr, best_epoch)
-            finished = True
-        if epoch == cfg.epochs:
-            finished = True
-        save_state(epoch)
-        if cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch and not finished:
-            log.info("stopping after epoch %d as asked; continue with --resume %s", epoch, version)
-            return TrainResult(version, mdir, {"interrupted_after_epoch": epoch, "epochs": epochs_log})
-
-    # ---- the best epoch on the test split (masked and raw), then publish
-    best = load_checkpoint(mdir / "model.pt")
-    test = evaluate_model(best, data, split, which="test", ks=(10, 50, 100)) if len(split.test) else None
-    metrics: dict[str, Any] = {
-        "model_version": version,
-        "data": cfg.data,
-        "model": cfg.model,
-        "negatives": cfg.negatives,
-        "loss": loss_name,
-        "epochs": epochs_log,
-        "best_epoch": best_epoch,
-        f"best_valid_hr@{cfg.eval_k}": best_hr if best_hr >= 0 else None,
-        "test": test,
-        "device": str(device),
-        "threads": threads if device.type == "cpu" else None,
-        "wall_time_s": time.perf_counter() - t_start,
-        "train_time_s": sum(e["train_s"] for e in epochs_log),
-    }
-    if resume_state is not None:
-        metrics["resumed_from_epoch"] = start_epoch - 1
-    _write_json(mdir / "metrics.json", metrics)
-    plot_curves(epochs_log, mdir / "curves.png", k=cfg.eval_k, title=f"{cfg.model} / {cfg.negatives} on {data.name}")
-    update_latest(models_dir, version)
-    if test is not None:
-        log.info("model %s: test HR@50 masked %.4f raw %.4f (best epoch %d) in %.1fs", version,
-                 test["masked"]["HR@50"], test["raw"]["HR@50"], best_epoch, metrics["wall_time_s"])
-    return TrainResult(version, mdir, metrics)
+        batches = loader(prep.batches, cfg.loader_workers)
+        show_bar = dist.is_main and not cfg.quiet and sys.stderr.isatty()
+        while not state.finished and state.epoch < cfg.epochs:
+            record = train_epoch(cfg, built, batches, prep.steps, state.epoch + 1, dist, run_dir.dir, show_bar)
+            end_epoch(cfg, state, built, run_dir, record, validate(cfg, built, prep, dist), dist)
+            if cfg.stop_after_epoch is not None and state.epoch >= cfg.stop_after_epoch and not state.finished:
+                log.info("stopping after epoch %d as asked; continue with --resume %s", state.epoch, run_dir.version)
+                dist.barrier()
+                return TrainResult(run_dir.version, run_dir.dir,
+                                   {"interrupted_after_epoch": state.epoch, "epochs": state.epochs})
+        result = finish(cfg, run_dir, prep, built, state, device, threads, times, resumed_from, dist)
+        dist.barrier()
+        return result
+    finally:
+        dist.close()

@@ -16,6 +16,7 @@ from towers.checkpoint import TwoTowerModel, save_checkpoint
 from towers.features import FeatureEncoder
 from towers.model import TowerConfig
 from towers.schema import FeatureSpec
+from training.optim import build_optimizers
 
 GENRES = ["action", "comedy", "drama", "horror", "scifi"]
 
@@ -88,8 +89,8 @@ def _train_tiny(cat: Catalogue, dim: int, steps: int, seed: int, model: str) -> 
     cfg = TowerConfig(model=model, dim=dim, emb_dim=16, feature_dim=8, hidden=(32,), temperature=0.1)
     m = TwoTowerModel.create(cfg, enc)
     assert m.user_tower is not None and m.item_tower is not None
-    params = list(m.user_tower.parameters()) + list(m.item_tower.parameters())
-    opt = torch.optim.Adam(params, lr=0.02)
+    # every parameter dense under one Adam(W) (the tables' training-job optimiser is not the point here)
+    opt = build_optimizers([m.user_tower, m.item_tower], kind="adamw", lr=0.02, table_lr=0.02, weight_decay=0.0)
     inter = cat.interactions.sort_values(["user_id", "timestamp"])
     hist = inter.groupby("user_id", sort=False)["item_id"].apply(list).to_dict()
     users = list(inter["user_id"])

@@ -1,6 +1,11 @@
 """A training process killed with SIGKILL (no chance to clean up) and resumed from its checkpoint ends
 exactly where an uninterrupted run with the same seed ends: bit-identical weights and the same
-per-epoch losses and validation scores."""
+per-epoch losses and validation scores.
+
+The kill lands at a known point, never at a moment picked by the clock: the victim runs with the
+``--pause-at EPOCH:STEP`` hook, which stops it after that step (mid-epoch) and writes
+``paused-0`` into its version directory; the test waits for that file, then kills it.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,11 +24,12 @@ from tests.reliability.harness import REPO_ROOT, wait_until
 pytestmark = pytest.mark.slow
 
 SEED, EPOCHS = 3, 3
+PAUSE = (2, 1)  # the victim stops after step 1 of epoch 2: epoch 1 is saved, epoch 2 is half done
 # what the uninterrupted run below gets through its config, spelled as CLI flags
 CLI = ["--data", "synthetic", "--synthetic-size", "tiny", "--data-seed", "0", "--dim", "16", "--hidden", "32",
        "--history-len", "10", "--epochs", str(EPOCHS), "--batch-size", "256", "--num-negatives", "64",
        "--hard-negatives", "8", "--seed", str(SEED), "--threads", "1", "--patience", "10", "--quiet"]
-RUNTIME = {"artifacts", "device", "quiet", "num_threads", "stop_after_epoch", "resume"}
+RUNTIME = {"artifacts", "device", "quiet", "num_threads", "stop_after_epoch", "resume", "pause_at"}
 
 
 def _state(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -50,38 +55,33 @@ def _no_timings(d: object) -> object:
 
 
 def _epoch(last_pt: Path) -> int:
-    try:
-        return int(torch.load(last_pt, map_location="cpu", weights_only=True)["epoch"])
-    except Exception:  # being replaced right now: atomic rename, so just look again
-        return 0
+    return int(torch.load(last_pt, map_location="cpu", weights_only=True)["epoch"])
 
 
 def test_sigkill_mid_training_then_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     # the reference: one uninterrupted run, in this process
     ref = train_tiny(tmp_path / "ref", seed=SEED, epochs=EPOCHS, patience=10)
 
-    # the victim: `twotower train` in its own process, killed during its second epoch
+    # the victim: `twotower train` in its own process, paused in the middle of epoch 2, then killed
     art = tmp_path / "victim"
     proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "--log-level", "WARNING", "train", *CLI,
-                             "--artifacts", str(art)], cwd=REPO_ROOT,
+                             "--artifacts", str(art), "--pause-at", f"{PAUSE[0]}:{PAUSE[1]}"], cwd=REPO_ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        last = wait_until(lambda: next(iter((art / "models").glob("*/last.pt")), None), 180,
-                          "the first epoch's resume state")
-        wait_until(lambda: _epoch(last) >= 1, 30, "epoch 1 in last.pt")
-        time.sleep(0.05)  # into epoch 2
-        alive = proc.poll() is None
+        paused = wait_until(lambda: next(iter((art / "models").glob("*/paused-0")), None), 180,
+                            f"the victim pausing after epoch {PAUSE[0]} step {PAUSE[1]}")
+        assert proc.poll() is None, "the victim exited instead of pausing"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
-    stderr = proc.stderr.read().decode() if proc.stderr else ""
-    assert alive, f"training finished before it could be killed: {stderr[-1000:]}"
-    mdir = last.parent
-    killed_at = _epoch(last)
-    assert killed_at < EPOCHS, "the kill came too late to interrupt anything"
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-1000:] if proc.stderr else ""
+    mdir = paused.parent
+    assert paused.read_text().split()[0] == f"{PAUSE[0]}:{PAUSE[1]}"
+    killed_at = _epoch(mdir / "last.pt")
+    assert killed_at == PAUSE[0] - 1, "last.pt must hold the last epoch finished before the kill"
     assert not (art / "models" / "LATEST").exists(), "an interrupted run must not be published as LATEST"
 
     # the same job, resumed from the checkpoint in its directory

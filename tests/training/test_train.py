@@ -13,7 +13,8 @@ import torch
 
 from towers.checkpoint import load_checkpoint
 from training.config import TrainConfig
-from training.train import build_examples, run
+from training.pipeline import build_examples
+from training.train import run
 
 # 300 users, 500 items in 5 clusters: big enough that HR@50 is not a coin toss, small enough to train
 # in a couple of seconds
