@@ -72,7 +72,7 @@ lint: $(DEV_STAMP)
 # The benchmark scripts in order (each writes benchmarks/results/<name>.md), then assemble.py puts
 # them together into BENCHMARKS.md. MovieLens benchmarks read ../shared/data beside the checkout.
 # `make bench BENCHMARKS="index"` runs only some; `make soak` runs the reliability soak.
-BENCHMARKS ?= quality index serve
+BENCHMARKS ?= quality index serve scale
 bench: $(RUN_STAMP)
 	@set -e; export PATH="$(BIN):$$PATH"; \
 	for name in $(BENCHMARKS); do \

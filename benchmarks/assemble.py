@@ -15,6 +15,8 @@ SECTIONS = [
     ("quality.md", "python benchmarks/quality.py"),
     ("index.md", "python benchmarks/index.py --n 1000000 --dim 64"),
     ("serve.md", "python benchmarks/serve.py"),
+    ("scale.md", "flock /work/coord/cpu.lock python benchmarks/scale.py"),
+    ("gpu.md", "python benchmarks/gpu.py (on a machine with a CUDA GPU; the reference machine has none)"),
 ]
 
 HEADER = """# Benchmarks

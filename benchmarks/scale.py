@@ -1,0 +1,409 @@
+"""Training at the size users have: throughput, memory and quality from 100k to 5M users.
+
+    flock /work/coord/cpu.lock python benchmarks/scale.py [--parts quality,sizes,procs,rechub,reindex]
+        [--sizes 100000,1000000,5000000] [--items 1000000] [--per-user 5] [--steps 1500] [--batch-size 1024]
+
+Parts (each can be run alone; results are merged into ``.bench/scale.json`` and rendered to
+``benchmarks/results/scale.md``):
+
+- ``quality``: the id tables' optimisers side by side on MovieLens-100k and ml-latest-small (our
+  default YoutubeDNN and DSSM, every negative sampler): test HR@50 with the new default (row-wise
+  Adagrad), SparseAdam, and dense AdamW on every row (the job before this change).
+- ``sizes``: synthetic data written as Parquet parts chunk by chunk (``write_synthetic_parts``) at each
+  size, then ``twotower train`` streaming it in its own process, one thread, a fixed budget of
+  ``--steps`` optimiser steps: examples/s, seconds per epoch (examples of an epoch / examples/s),
+  peak RSS of the whole process (``/usr/bin/time``; the generator's too), test HR@50 on the
+  10,000-user sample. Beside it, the dense-AdamW reference where it fits in the budget.
+- ``procs``: the same job with 1 process and with 2 (``--nproc 2``), one thread each, same budget
+  and global batch: examples/s of both.
+- ``rechub``: torch-rechub 0.9.0's YoutubeDNN and DSSM (``benchmarks/rechub_runner.py``, their example
+  recipes, one epoch, one thread, no DataLoader workers) on the smallest size's train rows:
+  positives per second beside ours on the same data.
+- ``reindex``: ``twotower reindex`` of the 1M-user model: embeds its 1M-item catalogue, builds and
+  gates the index; wall time and peak RSS.
+
+Every measurement runs on a machine others share: take the CPU lock, as above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+log = logging.getLogger("scale")
+
+BENCH = REPO / ".bench" / "scale"
+OUT_JSON = REPO / ".bench" / "scale.json"
+OUT_MD = REPO / "benchmarks" / "results" / "scale.md"
+ML100K = f"movielens:{REPO.parent / 'shared' / 'data' / 'ml-100k'}"
+MLSMALL = f"movielens:{REPO.parent / 'shared' / 'data' / 'ml-latest-small'}"
+SAMPLERS = ("mixed", "inbatch", "uniform", "popularity", "hard")
+TIME = "/usr/bin/time"
+
+
+def _py() -> str:
+    return sys.executable
+
+
+def timed_run(cmd: list[str], log_path: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cmd`` under GNU time: wall seconds, peak RSS (MiB) of the process, exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    rss_file = log_path.with_suffix(".rss")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as out:
+        rc = subprocess.run([TIME, "-f", "%M", "-o", str(rss_file), *cmd], stdout=out, stderr=subprocess.STDOUT,
+                            cwd=REPO, env={**os.environ, **(env or {})}).returncode
+    wall = time.perf_counter() - t0
+    try:
+        rss_mb = int(rss_file.read_text().strip().splitlines()[-1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        rss_mb = float("nan")
+    if rc != 0:
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... failed with status {rc}:\n{tail}")
+    return {"wall_s": wall, "peak_rss_mb": rss_mb}
+
+
+# ----------------------------------------------------------------------------------------------
+# quality: the optimisers side by side
+
+
+def part_quality(args: argparse.Namespace) -> dict[str, Any]:
+    from training.config import TrainConfig
+    from training.train import run
+
+    rows = []
+    for data in (ML100K, MLSMALL):
+        for model in ("youtubednn", "dssm"):
+            for negatives in SAMPLERS:
+                kinds = ("rowwise_adagrad", "adamw") + (("sparse_adam",) if negatives == "mixed" else ())
+                for kind in kinds:
+                    with tempfile.TemporaryDirectory(prefix="scale-q-") as tmp:
+                        t0 = time.perf_counter()
+                        settings: dict[str, Any] = {"data": data, "artifacts": tmp, "model": model,
+                                                    "negatives": negatives, "embedding_optimizer": kind,
+                                                    "quiet": True, "num_threads": 1, "seed": 0}
+                        res = run(TrainConfig(**settings))
+                        m = res.metrics
+                        rows.append({"data": data.rsplit("/", 1)[-1], "model": model, "negatives": negatives,
+                                     "optimizer": kind, "test_hr50": m["test"]["masked"]["HR@50"],
+                                     "valid_hr50": m["best_valid_hr@50"], "best_epoch": m["best_epoch"],
+                                     "samples_per_s": max(e["samples_per_s"] for e in m["epochs"]),
+                                     "wall_s": time.perf_counter() - t0})
+                        log.info("quality %s", rows[-1])
+    return {"rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+# data at each size
+
+
+def data_dir(n_users: int, args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """The synthetic parts for ``n_users`` (generated once, in its own process, under GNU time)."""
+    d = BENCH / f"data-{n_users}u-{args.items}i-{args.per_user}pu"
+    meta_path = d / "meta.json"
+    if meta_path.is_file():
+        return d, json.loads(meta_path.read_text())
+    if d.exists():
+        shutil.rmtree(d)
+    code = ("import json, sys, logging; logging.basicConfig(level=logging.INFO); "
+            "from training.synthetic import write_synthetic_parts; "
+            f"print(json.dumps(write_synthetic_parts({str(d)!r}, seed=0, n_users={n_users}, n_items={args.items}, "
+            f"n_clusters={args.clusters}, interactions_per_user={args.per_user}, chunk_users=250_000)))")
+    t = timed_run([_py(), "-c", code], BENCH / "logs" / f"gen-{n_users}.log")
+    out = json.loads((BENCH / "logs" / f"gen-{n_users}.log").read_text().strip().splitlines()[-1])
+    meta = {**out, "gen_wall_s": t["wall_s"], "gen_peak_rss_mb": t["peak_rss_mb"]}
+    meta_path.write_text(json.dumps(meta))
+    return d, meta
+
+
+def train_cmd(data: Path, art: Path, args: argparse.Namespace, *extra: str, steps: int | None = None) -> list[str]:
+    return [_py(), "-m", "twotower.cli", "--log-level", "INFO", "train", "--data", f"csv:{data}",
+            "--artifacts", str(art), "--threads", "1", "--epochs", "1", "--max-steps", str(steps or args.steps),
+            "--batch-size", str(args.batch_size), "--eval-users", str(args.eval_users), "--quiet", *extra]
+
+
+def train_once(name: str, data: Path, args: argparse.Namespace, *extra: str, steps: int | None = None,
+               keep: bool = False) -> dict[str, Any]:
+    art = BENCH / "runs" / name
+    if art.exists():
+        shutil.rmtree(art)
+    t = timed_run(train_cmd(data, art, args, *extra, steps=steps), BENCH / "logs" / f"{name}.log")
+    version = (art / "models" / "LATEST").read_text().strip()
+    mdir = art / "models" / version
+    m = json.loads((mdir / "metrics.json").read_text())
+    c = json.loads((mdir / "config.json").read_text())
+    e = m["epochs"][0]
+    out = {"name": name, "examples_per_s": e["samples_per_s"], "steps": m["steps"], "train_s": e["train_s"],
+           "prepare_s": m["prepare_s"], "wall_s": t["wall_s"], "peak_rss_mb": t["peak_rss_mb"],
+           "peak_rss_mb_per_rank": m.get("peak_rss_mb_per_rank"), "ranks": m.get("ranks", 1),
+           "test_hr50": (m.get("test") or {}).get("masked", {}).get("HR@50"),
+           "eval_users": c["dataset"].get("eval_users"), "examples_per_epoch": c["dataset"]["examples"],
+           "version": version, "artifacts": str(art)}
+    out["s_per_epoch"] = out["examples_per_epoch"] / max(out["examples_per_s"], 1e-9)
+    if not keep:
+        for sub in mdir.iterdir():  # keep metrics/config for the record; drop the big files
+            if sub.suffix == ".pt" or sub.name == "data":
+                shutil.rmtree(sub) if sub.is_dir() else sub.unlink()
+    log.info("%s: %.0f examples/s, peak RSS %.0f MiB, test HR@50 %s", name, out["examples_per_s"],
+             out["peak_rss_mb"], out["test_hr50"])
+    return out
+
+
+def part_sizes(args: argparse.Namespace) -> dict[str, Any]:
+    rows = []
+    for n in args.sizes:
+        d, meta = data_dir(n, args)
+        row = {"users": n, **meta, "sparse": train_once(f"sparse-{n}", d, args, keep=(n == args.reindex_size))}
+        if n <= args.dense_max_users:
+            row["dense"] = train_once(f"dense-{n}", d, args, "--embedding-optimizer", "adamw", steps=args.dense_steps)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def part_procs(args: argparse.Namespace) -> dict[str, Any]:
+    d, meta = data_dir(args.procs_size, args)
+    one = train_once(f"procs1-{args.procs_size}", d, args)
+    two = train_once(f"procs2-{args.procs_size}", d, args, "--nproc", "2")
+    return {"users": args.procs_size, "one": one, "two": two, "ratio": two["examples_per_s"] / one["examples_per_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# torch-rechub on the same data
+
+
+def part_rechub(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import pandas as pd
+
+    from benchmarks.quality import ensure_rechub_venv, export_for_rechub
+    from training.data import RecData, split_leave_last_out
+    from training.evaluate import build_eval_set
+
+    n = args.rechub_size
+    d, meta = data_dir(n, args)
+    inter = pd.concat([pd.read_parquet(p) for p in sorted((d / "interactions").iterdir())], ignore_index=True)
+    users = pd.read_parquet(d / "users.parquet").set_index("user_id")
+    items = pd.read_parquet(d / "items.parquet")
+    items["genres"] = items["category"].map(lambda c: (c,))  # their item feature: one category
+    data = RecData(name="synthetic", interactions=inter, users=users.rename(columns={"segment": "occupation"}),
+                   items=items, user_features=[], item_features=[])
+    split = split_leave_last_out(data)
+    ev = build_eval_set(data, split, "test")
+    inp = BENCH / f"rechub-input-{n}"
+    if inp.exists():
+        shutil.rmtree(inp)
+    export_for_rechub(data, split, ev, inp)
+    py = ensure_rechub_venv(REPO / ".bench" / "rechub-venv")
+    out = BENCH / f"rechub-output-{n}"
+    res: dict[str, Any] = {"users": n, "train_rows": len(split.train), "models": {}}
+    for model in ("youtubednn", "dssm"):
+        t = timed_run([str(py), str(REPO / "benchmarks" / "rechub_runner.py"), "--input", str(inp), "--output",
+                       str(out), "--models", model, "--epochs", "1", "--threads", "1", "--num-workers", "0"],
+                      BENCH / "logs" / f"rechub-{model}-{n}.log")
+        m = json.loads((out / f"{model}.json").read_text())
+        # one positive per training row of ours; their generator makes 1 + 3 negatives rows (DSSM,
+        # point-wise) or one row per positive with its 3 negatives inside (YoutubeDNN, list-wise)
+        res["models"][model] = {"fit_s": m["fit_s"], "prep_s": m["prep_s"], "samples": m["n_train_samples"],
+                                "positives_per_s": len(split.train) / m["fit_s"],
+                                "samples_per_s": m["n_train_samples"] / m["fit_s"], "peak_rss_mb": t["peak_rss_mb"]}
+        log.info("rechub %s: %s", model, res["models"][model])
+    del np
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# reindex of the big catalogue
+
+
+def part_reindex(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    row = next((r for r in results.get("sizes", {}).get("rows", []) if r["users"] == args.reindex_size), None)
+    if row is None or not (Path(row["sparse"]["artifacts"]) / "models").is_dir():
+        raise RuntimeError(f"no kept model at {args.reindex_size} users: run --parts sizes first")
+    art = Path(row["sparse"]["artifacts"])
+    t = timed_run([_py(), "-m", "twotower.cli", "--log-level", "INFO", "reindex", "--artifacts", str(art),
+                   "--model-version", row["sparse"]["version"], "--threads", "1", "--json"],
+                  BENCH / "logs" / f"reindex-{args.reindex_size}.log")
+    text = (BENCH / "logs" / f"reindex-{args.reindex_size}.log").read_text()
+    start = text.find("{")
+    manifest = json.loads(text[start:text.rfind("}") + 1]) if start >= 0 else {}
+    return {"users": args.reindex_size, "items": args.items, **t,
+            "recipe": manifest.get("recipe"), "recall": manifest.get("recall"),
+            "n_items": manifest.get("n_items")}
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x: Any, digits: int = 0) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:,.{digits}f}"
+
+
+def render(res: dict[str, Any]) -> str:
+    env = res.get("env", {})
+    lines = ["## Training at scale: sparse id tables, streamed data, several processes", "",
+             "`benchmarks/scale.py` (its docstring says how each part is measured). Every training run is "
+             "`twotower train` in its own process, one torch thread, under `flock /work/coord/cpu.lock`; peak RSS "
+             "is GNU time's maximum resident set of the whole process.", ""]
+    q = res.get("quality")
+    if q:
+        lines += ["### Quality: the id tables' optimisers side by side", "",
+                  "Test HR@50 (seen items masked), same seeds and settings, only `--embedding-optimizer` differs. "
+                  "`adamw` is the job before this change (dense AdamW on every row, every step).", "",
+                  "| data | model | negatives | rowwise_adagrad (default) | adamw (before) | difference | sparse_adam |",
+                  "|---|---|---|---|---|---|---|"]
+        by = {(r["data"], r["model"], r["negatives"], r["optimizer"]): r for r in q["rows"]}
+        worst: dict[str, float] = {}
+        for (data, model, neg, opt), r in by.items():
+            if opt != "rowwise_adagrad":
+                continue
+            ref = by.get((data, model, neg, "adamw"))
+            sa = by.get((data, model, neg, "sparse_adam"))
+            diff = r["test_hr50"] - ref["test_hr50"] if ref else None
+            if diff is not None:
+                worst[data] = min(worst.get(data, 1.0), diff)
+            lines.append(f"| {data} | {model} | {neg} | {r['test_hr50']:.3f} | {_f(ref and ref['test_hr50'], 3)} | "
+                         f"{'-' if diff is None else f'{diff:+.3f}'} | {_f(sa and sa['test_hr50'], 3)} |")
+        lines.append("")
+        for data, w in worst.items():
+            lines.append(f"- {data}: largest drop {w:+.3f} (target: no drop beyond -0.010: "
+                         f"{'met' if w >= -0.010 else 'NOT met'})")
+        lines.append("")
+    s = res.get("sizes")
+    if s:
+        lines += ["### Sizes: 1 process, 1 thread, streamed from Parquet parts", "",
+                  f"Budget: {res['args']['steps']} optimiser steps of {res['args']['batch_size']} examples "
+                  f"(`--max-steps`), then validation and test on a {res['args']['eval_users']:,}-user sample "
+                  "against the whole catalogue.", "",
+                  "| users | items | interactions | generate s (peak RSS MiB) | prepare s | examples/s | s/epoch "
+                  "| peak RSS MiB | test HR@50 | dense adamw examples/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in s["rows"]:
+            sp = r["sparse"]
+            dense = r.get("dense")
+            lines.append(f"| {r['users']:,} | {r['items']:,} | {r['interactions']:,} | {_f(r['gen_wall_s'])} "
+                         f"({_f(r['gen_peak_rss_mb'])}) | {_f(sp['prepare_s'])} | {_f(sp['examples_per_s'])} | "
+                         f"{_f(sp['s_per_epoch'])} | {_f(sp['peak_rss_mb'])} | {_f(sp['test_hr50'], 3)} | "
+                         f"{_f(dense and dense['examples_per_s'])} |")
+        lo, hi = s["rows"][0]["sparse"], s["rows"][-1]["sparse"]
+        ratio = lo["examples_per_s"] / hi["examples_per_s"]
+        top = s["rows"][-1]
+        lines += ["", f"- examples/s at {s['rows'][0]['users']:,} users / at {top['users']:,}: {ratio:.2f}x "
+                  f"(target <= 1.5x: {'met' if ratio <= 1.5 else 'NOT met'})",
+                  f"- peak RSS at {top['interactions']:,} interactions: {hi['peak_rss_mb']:,.0f} MiB "
+                  f"(target <= 4 GB = 3,815 MiB: {'met' if hi['peak_rss_mb'] <= 4e9 / 2**20 else 'NOT met'}); "
+                  f"the generator that wrote them: {top['gen_peak_rss_mb']:,.0f} MiB", ""]
+    p = res.get("procs")
+    if p:
+        lines += ["### 1 vs 2 processes (one thread each, the 2 cores)", "",
+                  f"{p['users']:,} users, same budget and global batch; `twotower train --nproc 2` (torchrun, gloo).", "",
+                  "| processes | examples/s | peak RSS MiB per process | test HR@50 |", "|---|---|---|---|",
+                  f"| 1 | {_f(p['one']['examples_per_s'])} | {_f(p['one']['peak_rss_mb'])} | {_f(p['one']['test_hr50'], 3)} |",
+                  f"| 2 | {_f(p['two']['examples_per_s'])} | "
+                  f"{', '.join(_f(x) for x in p['two'].get('peak_rss_mb_per_rank') or [])} | "
+                  f"{_f(p['two']['test_hr50'], 3)} |", "",
+                  f"- 2 processes / 1: {p['ratio']:.2f}x (target >= 1.7x: {'met' if p['ratio'] >= 1.7 else 'NOT met'})", ""]
+    rh = res.get("rechub")
+    if rh:
+        ours = next((r["sparse"] for r in (s or {}).get("rows", []) if r["users"] == rh["users"]), None)
+        lines += ["### torch-rechub on the same data", "",
+                  f"{rh['users']:,} users, {rh['train_rows']:,} training rows (our split; theirs holds out the same "
+                  "rows). torch-rechub 0.9.0's example recipes, 1 epoch, 1 thread, no DataLoader workers. "
+                  "Positives/s = our training rows / their fit time (their rows carry 3 sampled negatives each; "
+                  "ours score every example against the whole global batch plus 256 shared negatives).", "",
+                  "| trainer | positives/s | their samples/s | peak RSS MiB |", "|---|---|---|---|"]
+        for model, m in rh["models"].items():
+            lines.append(f"| torch-rechub {model} | {_f(m['positives_per_s'])} | {_f(m['samples_per_s'])} | "
+                         f"{_f(m['peak_rss_mb'])} |")
+        if ours:
+            lines.append(f"| ours (youtubednn, mixed negatives) | {_f(ours['examples_per_s'])} | - | "
+                         f"{_f(ours['peak_rss_mb'])} |")
+            fastest = max(m["positives_per_s"] for m in rh["models"].values())
+            r = ours["examples_per_s"] / fastest
+            lines += ["", f"- ours / the faster torch-rechub model: {r:.1f}x (target >= 5x: "
+                      f"{'met' if r >= 5 else 'NOT met'})"]
+        lines.append("")
+    ri = res.get("reindex")
+    if ri:
+        lines += ["### Reindex of the resulting catalogue", "",
+                  f"`twotower reindex` of the {ri['users']:,}-user model: {_f(ri.get('n_items') or ri['items'])} items "
+                  f"embedded, index `{(ri.get('recipe') or {}).get('factory', '?')}` built and gated (recall "
+                  f"{_f(ri.get('recall'), 3)}): {_f(ri['wall_s'])} s wall, peak RSS {_f(ri['peak_rss_mb'])} MiB.", ""]
+    lines += [f"Machine: {env.get('machine', '?')}; torch {env.get('torch', '?')}; run at {env.get('when', '?')} "
+              f"with `python benchmarks/scale.py{env.get('argv', '')}`; 1-min load average "
+              f"{env.get('load_start', '?')} at the start, {env.get('load_end', '?')} at the end.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--parts", default="quality,sizes,procs,rechub,reindex")
+    ap.add_argument("--sizes", default="100000,1000000,5000000",
+                    type=lambda t: [int(x) for x in t.split(",") if x.strip()])
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--clusters", type=int, default=64)
+    ap.add_argument("--per-user", type=int, default=5, help="mean interactions per user")
+    ap.add_argument("--steps", type=int, default=1500, help="optimiser steps per training run (the budget)")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--eval-users", type=int, default=10_000)
+    ap.add_argument("--dense-max-users", type=int, default=1_000_000, help="dense-AdamW reference up to this size")
+    ap.add_argument("--dense-steps", type=int, default=100)
+    ap.add_argument("--procs-size", type=int, default=1_000_000)
+    ap.add_argument("--rechub-size", type=int, default=100_000)
+    ap.add_argument("--reindex-size", type=int, default=1_000_000)
+    ap.add_argument("--rerender", action="store_true", help="only rewrite the markdown from .bench/scale.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    results: dict[str, Any] = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
+    if not args.rerender:
+        import torch
+
+        parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+        results["env"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                     f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+                          "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                          "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+                          "load_start": round(os.getloadavg()[0], 1)}
+        results["args"] = {k: v for k, v in vars(args).items() if k != "rerender"}
+        for part in parts:
+            log.info("== %s", part)
+            if part == "quality":
+                results["quality"] = part_quality(args)
+            elif part == "sizes":
+                results["sizes"] = part_sizes(args)
+            elif part == "procs":
+                results["procs"] = part_procs(args)
+            elif part == "rechub":
+                results["rechub"] = part_rechub(args)
+            elif part == "reindex":
+                results["reindex"] = part_reindex(args, results)
+            else:
+                raise SystemExit(f"unknown part {part!r}")
+            OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
+            OUT_JSON.write_text(json.dumps(results, indent=2, default=str))
+        results["env"]["load_end"] = round(os.getloadavg()[0], 1)
+        OUT_JSON.write_text(json.dumps(results, indent=2, default=str))
+    OUT_MD.parent.mkdir(parents=True, exist_ok=True)
+    OUT_MD.write_text(render(results))
+    log.info("wrote %s", OUT_MD)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
