@@ -3,7 +3,9 @@
 What it measures (each for a fixed duration, so the load is bounded):
 - bare:      a FastAPI app with the same request model, returning a pre-serialised answer of the
              same size: the ceiling of HTTP + validation + response on this machine;
-- cached:    the same recall body again and again (every request is a Redis cache hit);
+- cached:    the same recall body again and again (after the first, every request is a cache hit,
+             answered from the server's in-process tier within TT_LOCAL_CACHE_TTL_S: no Redis
+             round trip; Redis holds the answer for the other processes and after the TTL);
 - uncached:  every request a different inline history (every request misses the cache: user
              tower forward + FAISS search + filtering + a cache write);
 each with micro-batching on and off, at several concurrencies, over a bundle of ``--items`` items

@@ -220,7 +220,10 @@ def test_pointer_is_replaced_atomically(tmp_path, trained) -> None:
     t.start()
     for s in staged:
         B.publish(tmp_path, s, keep=10)
-    time.sleep(0.05)
+    # the reader keeps reading until it has seen the last publish (however slowly it is scheduled)
+    deadline = time.monotonic() + 60
+    while not (seen and seen[-1] == V4) and not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
     stop.set()
     t.join()
     assert not errors

@@ -264,6 +264,9 @@ class Outcome:
     error: str | None = None
     # of a 200 recall answer: (model_version, index_version, cached); of a batch: one per result
     versions: list[tuple[str, str, bool]] = field(default_factory=list)
+    # ... and the item ids of each result, in the same order
+    items: list[list[Any]] = field(default_factory=list)
+    request: Any = None  # the JSON body that was sent
     body_4xx: str | None = None
 
 
@@ -286,6 +289,7 @@ class Load:
         self.counts: Counter[str] = Counter()  # status (or error name) -> count, always kept
         self.latencies: list[float] = []
         self.sent = 0
+        self.delivered = 0  # requests whose body was written in full to the socket
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started_at = self.ended_at = 0.0
@@ -382,10 +386,14 @@ class Load:
             await asyncio.gather(*(worker() for _ in range(self.concurrency)))
         self.ended_at = time.monotonic()
 
+    async def _trace(self, event: str, info: dict[str, Any]) -> None:
+        if event == "http11.send_request_body.complete":
+            self.delivered += 1
+
     async def _one(self, client: httpx.AsyncClient, kind: str, req: Req) -> None:
         t0 = time.monotonic()
         try:
-            r = await client.request(req.method, req.path, json=req.body)
+            r = await client.request(req.method, req.path, json=req.body, extensions={"trace": self._trace})
         except httpx.HTTPError as exc:
             t1 = time.monotonic()
             name = type(exc).__name__
@@ -399,21 +407,49 @@ class Load:
         self.counts[str(r.status_code)] += 1
         if not self.keep and (r.status_code == 200 or len(self.outcomes) >= 1000):
             return
-        out = Outcome(kind, t0, t1, r.status_code)
+        out = Outcome(kind, t0, t1, r.status_code, request=req.body)
         if r.status_code == 200:
-            out.versions = list(_versions_of(r.content))
+            results = list(_results_of(r.content))
+            out.versions = [(d["model_version"], d["index_version"], bool(d.get("cached"))) for d in results]
+            out.items = [[it["item_id"] for it in d.get("items", [])] for d in results]
         elif r.status_code >= 400:
             out.body_4xx = r.text[:500]
         self.outcomes.append(out)
 
 
-def _versions_of(content: bytes) -> Iterable[tuple[str, str, bool]]:
+def server_sockets(pid: int, port: int) -> list[int]:
+    """Unread bytes (the receive queue) of every established connection to local ``port`` that
+    process ``pid`` holds, from /proc. A request whose bytes were all sent and whose connection
+    shows 0 here has been read by the server."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    out = []
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "01" and int(f[1].rsplit(":", 1)[1], 16) == port and f[9] in inodes:
+                out.append(int(f[4].split(":")[1], 16))
+    return out
+
+
+def _results_of(content: bytes) -> Iterable[dict[str, Any]]:
+    """The recall answers in a body: the body itself, or each result of a batch."""
     doc = json.loads(content)
     if not isinstance(doc, dict):
         return
     for d in doc.get("results", [doc]):
         if isinstance(d, dict) and "index_version" in d:
-            yield d["model_version"], d["index_version"], bool(d.get("cached"))
+            yield d
 
 
 def published_pairs(artifacts: Path) -> set[tuple[str, str]]:

@@ -74,9 +74,11 @@ def test_server_under_load_refuses_broken_current_bundles_and_keeps_serving(
             version = f"20990101T0000{n:02d}Z-0000aa"
             broken_copy(root / good, root / version, version, b)
             _point(artifacts, version)
-            ready = wait_until(partial(_rejected, srv, version), 15, f"{b.name}: the server noticing {version}")
+            ready = wait_until(partial(_rejected, srv, version), 60, f"{b.name}: the server noticing {version}")
             assert ready["status"] == "ready" and ready["bundle"]["index_version"] == good, ready
             refused[b.name] = ready["last_bundle_error"]
+            # refused for the right reason: the same words publish() must give for this breakage
+            assert all(w in refused[b.name] for w in b.says), (b.name, refused[b.name], b.says)
             # an explicit reload says the bundle was refused, why, and what is still served
             r = httpx.post(f"{srv.url}/v1/admin/reload", headers=admin, timeout=30)
             assert r.status_code == 409, r.text
@@ -85,9 +87,12 @@ def test_server_under_load_refuses_broken_current_bundles_and_keeps_serving(
         # pointers that do not name a bundle directory inside bundles/
         for text in ("../../etc", "/etc", "..", f".staging-{good}", "no-such-version"):
             _point(artifacts, text)
-            ready = wait_until(partial(_rejected, srv, text), 15, f"the server noticing CURRENT={text!r}")
+            ready = wait_until(partial(_rejected, srv, text), 60, f"the server noticing CURRENT={text!r}")
             assert ready["status"] == "ready" and ready["bundle"]["index_version"] == good, ready
             refused[f"CURRENT={text}"] = ready["last_bundle_error"]
+            why = "does not exist" if text == "no-such-version" else "not a version name"
+            assert "bundle pointer" in refused[f"CURRENT={text}"] and why in refused[f"CURRENT={text}"], \
+                refused[f"CURRENT={text}"]
         # asking for a named version outside the bundles directory
         for version in ("..", ".", "../models"):
             r = httpx.post(f"{srv.url}/v1/admin/reload", headers=admin, json={"index_version": version}, timeout=30)

@@ -111,3 +111,52 @@ def test_reindex_twice_under_load_fails_no_request_and_never_mixes_versions(
     assert {m for m, _i in seen} == {trained.model_a, trained.model_b}
     problems = newer_answers_never_go_back(load.outcomes)
     assert not problems, problems[:5]
+    # the labels come from a bundle's manifest; the items show which index really answered
+    wrong = answered_by_another_index(artifacts, load.outcomes, published, trained)
+    assert not wrong, wrong[:5]
+
+
+def _overlap(a: list, b: list) -> float:
+    return len(set(a) & set(b)) / max(1, len(b))
+
+
+def answered_by_another_index(artifacts: Path, outcomes: list[Outcome], published: list[str],
+                              trained: Trained) -> list[str]:
+    """Each inline-history answer, checked against what the bundle its label names answers for the
+    same history (in-process, pinned to that bundle with an admin reload). A server whose labels and
+    index had come apart (the label swapped, the searcher not, or the other way) fails here."""
+    import asyncio
+    import json
+
+    from tests.reliability.conftest import ADMIN_TOKEN
+    from tests.service.helpers import running, settings_for
+
+    answers = [(o, json.dumps(o.request, sort_keys=True), o.versions[0][1], o.items[0]) for o in outcomes
+               if o.kind == "history" and o.versions]
+    histories = {h for _o, h, _v, _items in answers}
+
+    async def expected() -> dict[str, dict[str, list]]:
+        out: dict[str, dict[str, list]] = {}
+        s = settings_for(artifacts, "", "tt-rel-check", admin_token=ADMIN_TOKEN, cache_ttl_s=0)
+        async with running(s) as c:
+            for v in published:
+                r = await c.post("/v1/admin/reload", json={"index_version": v},
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+                assert r.status_code == 200, r.text
+                out[v] = {}
+                for h in histories:
+                    got = (await c.post("/v1/recall", json=json.loads(h))).json()
+                    assert got["index_version"] == v
+                    out[v][h] = [it["item_id"] for it in got["items"]]
+        return out
+
+    assert answers, "no inline-history answers were recorded"
+    truth = asyncio.run(expected())
+    # the check has power only if the two models answer differently
+    model_of = {i: m for m, i in published_pairs(artifacts)}
+    a_bundle = next(v for v in published if model_of[v] == trained.model_a)
+    b_bundle = next(v for v in published if model_of[v] == trained.model_b)
+    same = sum(_overlap(truth[a_bundle][h], truth[b_bundle][h]) for h in histories) / len(histories)
+    assert same < 0.8, f"models A and B answer alike ({same:.2f} overlap): this check could not tell them apart"
+    return [f"answer labelled {v} overlaps its bundle's own answer by {_overlap(items, truth[v][h]):.2f}"
+            for _o, h, v, items in answers if _overlap(items, truth[v][h]) < 0.9]

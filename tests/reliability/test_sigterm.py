@@ -3,7 +3,9 @@ refused at once (nothing half-accepted), and the process exits by itself.
 
 To know that requests really are in flight when the signal lands, the test holds them inside the
 server: its private Redis is paused (SIGSTOP) and the Redis timeout is long, so every recall waits
-on its cache lookup. The signal goes out while they wait; then Redis is resumed and they finish.
+on its cache lookup. The signal goes out once every request has been sent in full (httpcore's
+trace) and read by the server (no unread byte on any of its connections, from /proc); then Redis
+is resumed and they finish.
 """
 
 from __future__ import annotations
@@ -11,17 +13,21 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.reliability.harness import Load, RedisProc, Req, ServerProc, port_open, wait_until
+from tests.reliability.harness import Load, RedisProc, Req, ServerProc, port_open, server_sockets, wait_until
 
 pytestmark = pytest.mark.slow
 
 IN_FLIGHT = 24
+
+
+def _read_by_server(srv: ServerProc) -> bool:
+    unread = server_sockets(srv.pid, srv.port)
+    return len(unread) == IN_FLIGHT and not any(unread)
 
 
 def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(artifacts: Path, private_redis: RedisProc,
@@ -35,12 +41,15 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(artifacts: Pat
         private_redis.pause()
         try:
             load = Load(srv.url, lambda i: ("recall", Req("POST", "/v1/recall", {"user_id": i + 2, "k": 50})),
-                        concurrency=IN_FLIGHT, max_requests=IN_FLIGHT, max_seconds=60, timeout=60).start()
-            time.sleep(1.5)  # every request has been read and is waiting on Redis
+                        concurrency=IN_FLIGHT, max_requests=IN_FLIGHT, max_seconds=120, timeout=120).start()
+            # every request has been sent in full and read by the server (its connection holds no
+            # unread byte): it is in the app, waiting on Redis
+            wait_until(lambda: load.delivered == IN_FLIGHT and _read_by_server(srv), 60,
+                       "every request sent and read by the server")
             assert load.sent == IN_FLIGHT and not load.outcomes, "requests finished while Redis was paused"
             srv.terminate()
             # the listening socket closes first: a new connection is refused, not queued or reset later
-            wait_until(lambda: not port_open(srv.port), 10, "the listener closing after SIGTERM")
+            wait_until(lambda: not port_open(srv.port), 60, "the listener closing after SIGTERM")
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", srv.port), timeout=2).close()
             with pytest.raises(httpx.ConnectError):

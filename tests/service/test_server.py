@@ -4,7 +4,6 @@ and several workers sharing a burst of keep-alive connections evenly."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -64,15 +63,23 @@ def start_server(artifacts: Path, port: int, redis_url: str, prefix: str, log: P
                             env=e, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     srv = Server(proc, port, log)
     try:
-        wait_port(port, timeout=60)
-        deadline = time.monotonic() + 30
-        while httpx.get(f"{srv.url}/readyz").status_code != 200:
+        wait_port(port, timeout=120)
+        deadline = time.monotonic() + 120
+        while not _ready(srv.url):
             assert time.monotonic() < deadline, "server never became ready"
             time.sleep(0.1)
     except BaseException:
         proc.kill()
         raise
     return srv
+
+
+def _ready(url: str) -> bool:
+    # a server still loading may hold the connection (workers not up yet): that is "not ready yet"
+    try:
+        return httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @pytest.fixture
@@ -115,7 +122,7 @@ def test_train_reindex_serve_event_reindex_end_to_end(trained, server, redis_url
         m = reindex(ReindexConfig(artifacts=trained, n_eval_users=50, threads=2, redis_url=redis_url,
                                   redis_prefix=redis_prefix))
         assert m.index_version != old_version
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while True:
             c_ = c.post("/v1/recall", json={"user_id": user, "k": 20}).json()
             if c_["index_version"] == m.index_version:
@@ -135,39 +142,43 @@ def test_train_reindex_serve_event_reindex_end_to_end(trained, server, redis_url
         "no JSON access log line carried the request id"
 
 
-def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(trained, free_port, redis_url, redis_prefix,
-                                                                    tmp_path):
-    srv = start_server(trained, free_port, redis_url, redis_prefix, tmp_path / "server.log", TT_CACHE_TTL_S="0")
-    # slow requests (a full batch each) so they are surely in flight when the signal lands
+def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(trained, free_port, redis_prefix, tmp_path):
+    """Six batch requests are held inside the server (its private Redis paused, a long Redis timeout:
+    every sub-request waits on its cache lookup) when SIGTERM lands: they are answered in full, a new
+    connection meanwhile is refused, and the process exits by itself."""
+    from tests.reliability.harness import Load, RedisProc, Req, port_open, server_sockets, wait_until
+
     def body(j: int) -> dict:
         return {"requests": [{"history": [(u + j) % 120 + 1, (u * 7 + j) % 120 + 1, j % 120 + 1], "k": 100,
                               "exclude_ids": [j, u]} for u in range(256)]}
 
-    async def scenario() -> tuple[list[int], BaseException | None]:
-        async with httpx.AsyncClient(base_url=srv.url, timeout=30) as client:
-            inflight = [asyncio.create_task(client.post("/v1/recall/batch", json=body(j))) for j in range(6)]
-            await asyncio.sleep(0.1)
-            assert not all(t.done() for t in inflight), "requests finished before the signal; make them slower"
-            srv.proc.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.3)
-            refused: BaseException | None = None
+    with RedisProc(tmp_path / "redis") as redis:
+        srv = start_server(trained, free_port, redis.url, redis_prefix, tmp_path / "server.log",
+                           TT_REDIS_TIMEOUT_S="60", TT_GRACEFUL_TIMEOUT_S="60")
+        try:
+            redis.pause()
             try:
-                async with httpx.AsyncClient(base_url=srv.url, timeout=5) as fresh:
-                    await fresh.get("/healthz")
-            except httpx.HTTPError as exc:
-                refused = exc
-            done = await asyncio.gather(*inflight)
-            return [r.status_code for r in done], refused
-
-    try:
-        statuses, refused = asyncio.run(scenario())
-        # uvicorn re-raises the signal after its graceful shutdown, so "killed by SIGTERM" is the clean exit
-        assert srv.proc.wait(timeout=30) in (0, -signal.SIGTERM)
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-    assert statuses == [200] * 6, statuses
-    assert isinstance(refused, httpx.ConnectError), f"a new connection during shutdown was not refused: {refused!r}"
+                load = Load(srv.url, lambda j: ("batch", Req("POST", "/v1/recall/batch", body(j))), concurrency=6,
+                            max_requests=6, max_seconds=120, timeout=120).start()
+                # all six sent in full and read by the server: in flight, waiting on Redis
+                wait_until(lambda: load.delivered == 6 and (lambda q: len(q) == 6 and not any(q))(
+                    server_sockets(srv.proc.pid, srv.port)), 60, "every request sent and read by the server")
+                assert not load.outcomes, "requests finished while Redis was paused"
+                srv.proc.send_signal(signal.SIGTERM)
+                wait_until(lambda: not port_open(srv.port), 60, "the listener closing after SIGTERM")
+                with pytest.raises(httpx.ConnectError):
+                    httpx.get(f"{srv.url}/healthz", timeout=5)
+                assert srv.proc.poll() is None, "exited with requests in flight"
+            finally:
+                redis.resume()
+            load.join()
+            # uvicorn re-raises the signal after its graceful shutdown, so "killed by SIGTERM" is the clean exit
+            assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        finally:
+            if srv.proc.poll() is None:
+                srv.proc.kill()
+    assert load.counts == {"200": 6}, (load.counts, [o.error or o.body_4xx for o in load.outcomes][:3])
+    assert all(len(o.versions) == 256 for o in load.outcomes)
     logs = srv.log_lines()
     assert not any(r.get("level") == "ERROR" for r in logs), [r for r in logs if r.get("level") == "ERROR"][:3]
 
@@ -214,20 +225,9 @@ def _children(pid: int) -> list[int]:
 
 def _established_on(port: int, pid: int) -> int:
     """Established TCP connections to local ``port`` whose socket ``pid`` holds (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            link = os.readlink(fd)
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    n = 0
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        f = line.split()
-        if f[3] == "01" and int(f[1].split(":")[1], 16) == port and f[9] in inodes:
-            n += 1
-    return n
+    from tests.reliability.harness import server_sockets
+
+    return len(server_sockets(pid, port))
 
 
 def _wait_log(srv: Server, text: str, count: int = 1, timeout: float = 60) -> None:

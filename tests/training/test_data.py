@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,8 @@ from towers.schema import DataError, FeatureSpec
 from training.data import SYNTHETIC_SIZES, RecData, load_data, split_leave_last_out
 from training.synthetic import make_synthetic
 
-ML100K = Path("/work/shared/data/ml-100k")
+# the shared data sets sit beside the checkout (../shared/data), wherever the checkout is
+ML100K = Path(__file__).resolve().parents[3] / "shared" / "data" / "ml-100k"
 
 
 def _write(path: Path, text: str, encoding: str = "utf-8") -> Path:
@@ -143,11 +143,8 @@ def test_synthetic_data_is_the_same_bit_for_bit_for_a_seed(options: dict, digest
 # ----------------------------------------------------------------------------------------------- MovieLens
 
 @pytest.mark.skipif(not (ML100K / "u.data").exists(), reason="MovieLens-100k not present")
-def test_movielens_100k_loads_fast_with_features() -> None:
-    t0 = time.perf_counter()
+def test_movielens_100k_loads_with_features() -> None:
     d = load_data(f"movielens:{ML100K}")
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 3.0, elapsed  # about 0.2 s on the dev machine; slack for a busy CI box
     _check_contract(d)
     assert d.name == "movielens-100k"
     assert (len(d.users), len(d.items), len(d.interactions)) == (943, 1682, 100_000)

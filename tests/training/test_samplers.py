@@ -74,10 +74,35 @@ def test_mixed_combines_both_proposals() -> None:
 
 
 def test_hard_sampler_is_a_uniform_pool_plus_a_per_row_cut() -> None:
-    s = HardNegativeSampler(8, COUNTS, num_negatives=32, hard_negatives=3)
-    assert s.hard_negatives == 3 and s.num_extra == 32
-    pool = s.extra(4, torch.Generator().manual_seed(0))
-    assert pool.min() >= 1 and pool.max() <= 8
+    from training.losses import retrieval_logits
+
+    s = HardNegativeSampler(8, COUNTS, num_negatives=40_000, hard_negatives=3)
+    assert s.hard_negatives == 3 and s.num_extra == 40_000 and s.in_batch
+    # the pool: uniform over the catalogue, never padding; with the in-batch positives the
+    # candidates are those of the mixed sampler, and so is their logQ
+    f = _freq(s.extra(4, torch.Generator().manual_seed(0)), 8)
+    assert f[0] == 0.0
+    np.testing.assert_allclose(f[1:], 1 / 8, atol=0.01)
+    rows = torch.tensor([1, 5, 8])
+    mixed = MixedSampler(8, COUNTS, num_negatives=40_000)
+    torch.testing.assert_close(s.log_expected_count(rows, 4), mixed.log_expected_count(rows, 4))
+
+    # the cut: per row, exactly the 3 highest-scoring candidates that are neither its positive nor
+    # an accidental hit stay negatives
+    g = torch.Generator().manual_seed(3)
+    u = torch.nn.functional.normalize(torch.randn(4, 6, generator=g), dim=1)  # (B, D)
+    cand_rows = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8, 2, 7])  # 4 positives, then a pool of 6 (2 repeats)
+    v = torch.nn.functional.normalize(torch.randn(10, 6, generator=g), dim=1)  # (C, D)
+    v[8] = v[1]  # the same item has the same vector wherever it appears
+    _, neg = retrieval_logits(u, v, cand_rows, None, in_batch_negatives=True, hard_negatives=3)
+    scores = u @ v.T
+    for i in range(4):
+        allowed = [j for j in range(10) if cand_rows[j] != cand_rows[i]]
+        kept = torch.nonzero(neg[i]).flatten().tolist()
+        assert len(kept) == 3 and set(kept) <= set(allowed), (i, kept)
+        # the three highest scores (a repeated item may stand in for its twin: same score)
+        top3 = sorted((float(scores[i, j]) for j in allowed), reverse=True)[:3]
+        assert sorted((float(scores[i, j]) for j in kept), reverse=True) == top3, i
 
 
 def test_same_generator_seed_same_negatives() -> None:
