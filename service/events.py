@@ -8,8 +8,10 @@ Redis layout (all under ``<prefix>:v1:``):
 - ``evseq:<user_id>``   counter bumped by every event; the result cache stores the counter it was
   computed at and a lookup compares it in the same round trip, so the next recall after an event
   never serves a stale answer (cheaper than deleting the user's cache keys, which we cannot list).
-All three are written in one MULTI/EXEC, with a PUBLISH of the user id on ``<prefix>:v1:events`` so
-other processes drop their in-memory answers for that user, and share a TTL refreshed on each event.
+All three are written by one script (``_APPEND``, atomic), followed in the same round trip by a
+PUBLISH of the user id on ``<prefix>:v1:events`` so other processes drop their in-memory answers for
+that user, and share a TTL refreshed on each event. They are read by one script too (``_READ``), a
+consistent snapshot of the three.
 
 When Redis is configured but down, ``append`` raises ``RedisUnavailable`` and the route answers 503:
 an event is never dropped silently. With no Redis configured (``TT_REDIS_URL=""``) events live in
@@ -18,9 +20,11 @@ this process (``MemoryEventStore``), which is only correct with a single worker.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from service.redisconn import RedisCoalescer, RedisGuard, RedisUnavailable
 
@@ -75,6 +79,26 @@ class EventStore:
         raise NotImplementedError
 
 
+# KEYS: events list, seen set, counter. ARGV: entry, item token, cap, ttl (0 = none).
+# Returns [events kept, new counter].
+_APPEND = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[3]), -1)
+redis.call('SADD', KEYS[2], ARGV[2])
+local seq = redis.call('INCR', KEYS[3])
+local n = redis.call('LLEN', KEYS[1])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+return {n, seq}
+"""
+# KEYS: events list, seen set, counter. Returns [entries, seen items, counter or nil].
+_READ = """
+return {redis.call('LRANGE', KEYS[1], 0, -1), redis.call('SMEMBERS', KEYS[2]), redis.call('GET', KEYS[3])}
+"""
+
+
 class RedisEventStore(EventStore):
     backend = "redis"
 
@@ -82,54 +106,36 @@ class RedisEventStore(EventStore):
                  redis: RedisCoalescer | None = None) -> None:
         self.guard, self.prefix, self.cap, self.ttl_s = guard, prefix, cap, ttl_s
         self.notice_channel = events_channel(prefix)
-        # reads (on every uncached recall of a known user) go through the request path's coalescer
-        self._fast = redis if redis is not None and redis.transactions else None
+        # reads (on every uncached recall of a known user) and writes go through the request path's
+        # coalescer: one round trip per event-loop turn
+        self._redis = redis if redis is not None else RedisCoalescer(guard)
 
     def _k(self, kind: str, user_id: str) -> str:
         return f"{self.prefix}:v1:{kind}:{user_id}"
+
+    def _keys(self, user_id: str) -> tuple[str, str, str]:
+        return self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
 
     def seq_key(self, user_id: str) -> str | None:
         return self._k("evseq", user_id)
 
     async def append(self, user_id: str, token: str, ts: int | None = None) -> tuple[int, int]:
         ts = int(time.time()) if ts is None else int(ts)
-        lk, sk, qk = self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
-
-        async def op(r) -> tuple[int, int]:
-            async with r.pipeline(transaction=True) as p:
-                p.rpush(lk, _entry(ts, token))
-                p.ltrim(lk, -self.cap, -1)
-                p.sadd(sk, token)
-                p.incr(qk)
-                p.llen(lk)
-                p.publish(self.notice_channel, user_id)
-                if self.ttl_s:
-                    for k in (lk, sk, qk):
-                        p.expire(k, self.ttl_s)
-                res = await p.execute()
-            return int(res[4]), int(res[3])
-
-        return await self.guard.run(op)
+        wrote = self._redis.command("EVAL", _APPEND, 3, *self._keys(user_id), _entry(ts, token), token,
+                                    self.cap, self.ttl_s)
+        published = self._redis.command("PUBLISH", self.notice_channel, user_id)
+        # a failed PUBLISH alone does not fail the event: it is stored, and other processes' in-memory
+        # answers for the user expire by TT_LOCAL_CACHE_TTL_S
+        outcome: tuple[Any, Any] = await asyncio.gather(wrote, published, return_exceptions=True)
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        n, seq = outcome[0]
+        return int(n), int(seq)
 
     async def read(self, user_id: str) -> UserEvents:
-        lk, sk, qk = self._k("events", user_id), self._k("seen", user_id), self._k("evseq", user_id)
-        if self._fast is not None:
-            # one MULTI so list, set and counter are a consistent snapshot
-            lst, seen, seq = await self._fast.transaction(("LRANGE", lk, 0, -1), ("SMEMBERS", sk), ("GET", qk))
-            return UserEvents(items=_parse_entries(lst), seen={s.decode() for s in seen}, seq=int(seq or 0))
-
-        async def op(r) -> UserEvents:
-            # one MULTI so list, set and counter are a consistent snapshot
-            async with r.pipeline(transaction=True) as p:
-                p.lrange(lk, 0, -1)
-                p.smembers(sk)
-                p.get(qk)
-                lst, seen, seq = await p.execute()
-            return UserEvents(items=_parse_entries(lst),
-                              seen={s.decode() if isinstance(s, bytes) else s for s in seen},
-                              seq=int(seq or 0))
-
-        return await self.guard.run(op)
+        lst, seen, seq = await self._redis.command("EVAL", _READ, 3, *self._keys(user_id))
+        return UserEvents(items=_parse_entries(lst), seen={s.decode() if isinstance(s, bytes) else s for s in seen},
+                          seq=int(seq or 0))
 
 
 class MemoryEventStore(EventStore):

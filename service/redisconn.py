@@ -145,41 +145,33 @@ class RedisCoalescer:
     Under concurrency, requests reach Redis in bursts (a micro-batch finishes, its clients send their
     next requests together). One round trip for the burst instead of one per request: on loopback
     the round trip's syscalls and wake-ups cost more CPU than the commands themselves. Each caller
-    gets its own future; commands reach Redis in the order they were issued.
+    gets its own future; commands reach Redis in the order they were issued. A command that needs
+    several keys read or written together (a user's events) is one EVAL of a script, atomic on its
+    own, so no MULTI block has to be kept apart from the other commands of the batch.
 
     Transport: the pipelining ``RespClient`` (service.resp) when given, else a redis-py pipeline.
     """
 
     def __init__(self, guard: RedisGuard, resp: RespClient | None = None) -> None:
         self.guard, self.resp = guard, resp
-        # per op: its commands and whether it is a MULTI/EXEC block (result = the EXEC reply)
-        self._ops: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[Any]]] = []
+        self._ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
 
-    @property
-    def transactions(self) -> bool:
-        """Whether ``transaction`` is available (the redis-py fallback runs plain pipelines only)."""
-        return self.resp is not None
-
-    def _submit(self, cmds: list[tuple[Any, ...]], tx: bool) -> asyncio.Future[Any]:
+    def command(self, *args: Any) -> asyncio.Future[Any]:
+        """Any single command, e.g. ``command("EVAL", script, 2, k1, k2, arg)``: resolves to its reply."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._ops.append((cmds, tx, fut))
+        self._ops.append((args, fut))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._flush)
         return fut
 
     def mget(self, *keys: str) -> asyncio.Future[list[bytes | None]]:
-        return self._submit([("MGET", *keys)], False)
+        return self.command("MGET", *keys)
 
     def set(self, key: str, value: bytes, ttl_s: int) -> asyncio.Future[Any]:
-        return self._submit([("SET", key, value, "EX", int(ttl_s))], False)
-
-    def transaction(self, *cmds: tuple[Any, ...]) -> asyncio.Future[list[Any]]:
-        """MULTI, cmds, EXEC: resolves to the list of the commands' replies (a consistent snapshot)."""
-        assert self.resp is not None, "transactions need the pipelining client"
-        return self._submit([("MULTI",), *cmds, ("EXEC",)], True)
+        return self.command("SET", key, value, "EX", int(ttl_s))
 
     def _flush(self) -> None:
         self._scheduled = False
@@ -188,8 +180,8 @@ class RedisCoalescer:
             task = asyncio.get_running_loop().create_task(self._run(ops))
             task.add_done_callback(_ignore_result)
 
-    async def _run(self, ops: list[tuple[list[tuple[Any, ...]], bool, asyncio.Future[Any]]]) -> None:
-        cmds = [c for op_cmds, _, _ in ops for c in op_cmds]
+    async def _run(self, ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
+        cmds = [c for c, _ in ops]
         resp = self.resp
 
         async def via_resp(_client: Any) -> list[Any]:
@@ -206,22 +198,15 @@ class RedisCoalescer:
             replies = await self.guard.run(via_resp if resp is not None else via_redis_py)
         except BaseException as exc:  # RedisUnavailable, or cancellation at shutdown
             err = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc) or "cancelled")
-            for _, _, fut in ops:
+            for _, fut in ops:
                 if not fut.done():
                     fut.set_exception(err)
             if not isinstance(exc, RedisUnavailable):
                 raise
             return
-        i = 0
-        for op_cmds, tx, fut in ops:
-            n = len(op_cmds)
-            res = replies[i + n - 1]  # a single command's reply, or EXEC's list of replies
-            i += n
+        for (_, fut), res in zip(ops, replies, strict=True):
             if not fut.done():
-                if tx and not isinstance(res, list):
-                    fut.set_exception(RedisUnavailable("transaction aborted"))
-                else:
-                    fut.set_result(res)
+                fut.set_result(res)
 
     async def aclose(self) -> None:
         if self.resp is not None:
