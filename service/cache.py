@@ -1,7 +1,7 @@
 """Two-level result cache with single-flight misses.
 
-Level 2 (shared): Redis, key ``<prefix>:v1:rec:<index_version>:<sha256 of the canonical request>``,
-with a TTL. The index version is part of the key, so a new bundle makes every old entry
+Level 2 (shared): Redis, key ``<prefix>:v1:rec:[{<user>}:]<index_version>:<sha256 of the canonical
+request>`` (see ``cache_key``), with a TTL. The index version is part of the key, so a new bundle makes every old entry
 unreachable. The canonical request covers the user id, inline history and features, k and the
 filters; what the user did through events is covered by the user's event counter, stored with the
 entry and compared in the same round trip (see ``service.events``).
@@ -53,8 +53,14 @@ class Lookup:
     seq: int | None  # the user's current event counter, when it was read
 
 
-def cache_key(prefix: str, index_version: str, canonical: bytes) -> str:
-    return f"{prefix}:v1:rec:{index_version}:{hashlib.sha256(canonical).hexdigest()}"
+def cache_key(prefix: str, index_version: str, canonical: bytes, user: str | None = None) -> str:
+    """The answer's key. An answer that depends on a user's events carries the user as a hash tag
+    (``{user}``), as the user's event keys do under Redis Cluster: the lookup reads the answer and the
+    user's event counter in one MGET, and a cluster serves that only when both keys share a slot."""
+    digest = hashlib.sha256(canonical).hexdigest()
+    if user is None:
+        return f"{prefix}:v1:rec:{index_version}:{digest}"
+    return f"{prefix}:v1:rec:{{{user}}}:{index_version}:{digest}"
 
 
 def _pack(seq: int | None, body: bytes) -> bytes:
@@ -176,8 +182,8 @@ class ResultCache:
         self._miss, self._shared, self._bypass = (c.labels(result="miss"), c.labels(result="shared"),
                                                   c.labels(result="bypass"))
 
-    def key(self, index_version: str, canonical: bytes) -> str:
-        return cache_key(self.prefix, index_version, canonical)
+    def key(self, index_version: str, canonical: bytes, user: str | None = None) -> str:
+        return cache_key(self.prefix, index_version, canonical, user)
 
     # ------------------------------------------------------------------ event notices
     def user_changed(self, user: str) -> None:

@@ -1,6 +1,7 @@
 """Per-user event history: what a user did since the bundle was built.
 
-Redis layout (all under ``<prefix>:v1:``):
+Redis layout (all under ``<prefix>:v1:``; under Redis Cluster the user id is a hash tag, ``{<user_id>}``,
+so a user's three keys and cached answers share one slot):
 - ``events:<user_id>``  list, oldest first, capped at ``events_cap`` entries ("<timestamp> <item>")
   -> feeds the user tower (its last ``history_len`` entries)
 - ``seen:<user_id>``    set of every item the user touched through events (not capped, so
@@ -103,14 +104,20 @@ class RedisEventStore(EventStore):
     backend = "redis"
 
     def __init__(self, guard: RedisGuard, prefix: str, cap: int, ttl_s: int,
-                 redis: RedisCoalescer | None = None) -> None:
+                 redis: RedisCoalescer | None = None, hash_tags: bool = False) -> None:
         self.guard, self.prefix, self.cap, self.ttl_s = guard, prefix, cap, ttl_s
+        # Redis Cluster: a user's keys (and cached answers, see service.cache.cache_key) carry the user
+        # as a hash tag, so the scripts and the cache lookup touch one slot. One node keeps the plain
+        # names, so histories recorded before keep being read.
+        self.hash_tags = hash_tags
         self.notice_channel = events_channel(prefix)
         # reads (on every uncached recall of a known user) and writes go through the request path's
         # coalescer: one round trip per event-loop turn
         self._redis = redis if redis is not None else RedisCoalescer(guard)
 
     def _k(self, kind: str, user_id: str) -> str:
+        if self.hash_tags:
+            return f"{self.prefix}:v1:{kind}:{{{user_id}}}"
         return f"{self.prefix}:v1:{kind}:{user_id}"
 
     def _keys(self, user_id: str) -> tuple[str, str, str]:

@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
-
-from service.resp import RespClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,21 +29,30 @@ class RedisUnavailable(RuntimeError):
     """Redis is not configured, or failed recently and the breaker is open."""
 
 
-def make_client(url: str, timeout_s: float) -> aioredis.Redis:
-    # No retries inside redis-py: the breaker decides when to try again, and a retry loop with
-    # backoff would put seconds of latency on the request that happens to hit a dead Redis.
-    # No CLIENT SETINFO on each new connection: one more round trip, and redis-py looks its own
-    # version up in the package metadata (~20 ms) every time. redis-py >= 7 spells it driver_info.
-    kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0),
-              health_check_interval=0)
+Client = aioredis.Redis | RedisCluster
+
+
+def make_client(url: str, timeout_s: float, cluster: bool = False) -> Client:
+    """redis-py's asyncio client for one node, or its cluster client (``cluster``: ``url`` names any
+    node; the others are discovered from it, and each command goes to the node owning its keys).
+
+    No retries inside redis-py: the breaker decides when to try again, and a retry loop with
+    backoff would put seconds of latency on the request that happens to hit a dead Redis (the
+    cluster client still follows MOVED/ASK redirections and refreshes its slot map).
+    No CLIENT SETINFO on each new connection: one more round trip, and redis-py looks its own
+    version up in the package metadata (~20 ms) every time. redis-py >= 7 spells it driver_info."""
+    kw: dict[str, Any] = dict(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+    factory: Any = RedisCluster.from_url if cluster else aioredis.Redis.from_url
+    if not cluster:
+        kw["health_check_interval"] = 0
     try:
-        return aioredis.Redis.from_url(url, driver_info=None, **kw)
+        return factory(url, driver_info=None, **kw)
     except TypeError:
-        return aioredis.Redis.from_url(url, lib_name=None, lib_version=None, **kw)
+        return factory(url, lib_name=None, lib_version=None, **kw)
 
 
 class RedisGuard:
-    def __init__(self, client: aioredis.Redis | None, *, retry_s: float = 0.5, retry_max_s: float = 5.0,
+    def __init__(self, client: Client | None, *, retry_s: float = 0.5, retry_max_s: float = 5.0,
                  on_change: Callable[[bool], None] | None = None) -> None:
         self.client = client
         self.retry_s = retry_s
@@ -96,7 +104,7 @@ class RedisGuard:
         self.last_error = None
         self._set_up(True)
 
-    async def run(self, fn: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+    async def run(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         """Run ``fn(client)``; raise RedisUnavailable (never a redis error) when Redis cannot be used."""
         if not self._available():
             raise RedisUnavailable(self.last_error or "redis is not configured")
@@ -149,11 +157,13 @@ class RedisCoalescer:
     several keys read or written together (a user's events) is one EVAL of a script, atomic on its
     own, so no MULTI block has to be kept apart from the other commands of the batch.
 
-    Transport: the pipelining ``RespClient`` (service.resp) when given, else a redis-py pipeline.
+    Transport: a redis-py pipeline (not a transaction) of the guard's client; with the cluster
+    client, redis-py splits it by node and each command goes to the node that owns its keys (the
+    keys of one command share a slot through hash tags, see service.cache and service.events).
     """
 
-    def __init__(self, guard: RedisGuard, resp: RespClient | None = None) -> None:
-        self.guard, self.resp = guard, resp
+    def __init__(self, guard: RedisGuard) -> None:
+        self.guard = guard
         self._ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._scheduled = False
 
@@ -181,21 +191,14 @@ class RedisCoalescer:
             task.add_done_callback(_ignore_result)
 
     async def _run(self, ops: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
-        cmds = [c for c, _ in ops]
-        resp = self.resp
-
-        async def via_resp(_client: Any) -> list[Any]:
-            assert resp is not None
-            return list(await resp.execute(cmds))
-
-        async def via_redis_py(r: aioredis.Redis) -> list[Any]:
+        async def pipelined(r: Any) -> list[Any]:
             async with r.pipeline(transaction=False) as p:
-                for c in cmds:
+                for c, _ in ops:
                     p.execute_command(*c)
                 return list(await p.execute())
 
         try:
-            replies = await self.guard.run(via_resp if resp is not None else via_redis_py)
+            replies = await self.guard.run(pipelined)
         except BaseException as exc:  # RedisUnavailable, or cancellation at shutdown
             err = exc if isinstance(exc, RedisUnavailable) else RedisUnavailable(str(exc) or "cancelled")
             for _, fut in ops:
@@ -207,11 +210,6 @@ class RedisCoalescer:
         for (_, fut), res in zip(ops, replies, strict=True):
             if not fut.done():
                 fut.set_result(res)
-
-    async def aclose(self) -> None:
-        if self.resp is not None:
-            await self.resp.aclose()
-
 
 def _ignore_result(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():

@@ -16,7 +16,6 @@ from service.metrics import Metrics
 from service.pipeline import InputError, RecallQuery, ServingBundle, compute_batch, compute_similar, resolve
 from service.redisconn import RedisCoalescer, RedisGuard, RedisUnavailable, make_client
 from service.reload import BundleManager, NoBundle
-from service.resp import RespClient
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,18 +40,20 @@ class EventResult:
 class Runtime:
     def __init__(self, settings: Settings, metrics: Metrics, bundles: BundleManager) -> None:
         self.settings, self.metrics, self.bundles = settings, metrics, bundles
-        client = make_client(settings.redis_url, settings.redis_timeout_s) if settings.redis_enabled else None
+        client = (make_client(settings.redis_url, settings.redis_timeout_s, settings.redis_cluster)
+                  if settings.redis_enabled else None)
         self.guard = RedisGuard(client, retry_s=settings.redis_retry_s, retry_max_s=settings.redis_retry_max_s,
                                 on_change=lambda up: metrics.redis_up.set(1 if up else 0))
         metrics.redis_up.set(1 if client is not None else 0)
-        # the request path's Redis traffic (cache reads and writes, event reads), one round trip per
-        # event-loop turn over the pipelining client; redis-py pipelines where that cannot connect
-        self.redis = RedisCoalescer(self.guard, _resp_client(settings)) if client is not None else None
+        # the request path's Redis traffic (cache reads and writes, event reads and writes): one
+        # pipelined round trip per event-loop turn
+        self.redis = RedisCoalescer(self.guard) if client is not None else None
         self.cache = ResultCache(guard=self.guard, prefix=settings.redis_prefix, ttl_s=settings.cache_ttl_s,
                                  metrics=metrics, local_ttl_s=settings.local_cache_ttl_s,
                                  local_max_bytes=settings.local_cache_max_bytes, redis=self.redis)
         self.events: EventStore = (RedisEventStore(self.guard, settings.redis_prefix, settings.events_cap,
-                                                   settings.events_ttl_s, redis=self.redis)
+                                                   settings.events_ttl_s, redis=self.redis,
+                                                   hash_tags=settings.redis_cluster)
                                    if client is not None else MemoryEventStore(settings.events_cap))
         # 0 threads: batches are computed on the event loop (see service.batching for why that is the default)
         self.executor = (ThreadPoolExecutor(max_workers=settings.compute_threads, thread_name_prefix="tt-compute",
@@ -116,7 +117,8 @@ class Runtime:
             handlers: dict[str, Handler] = {notice_channel(self.settings.redis_prefix): on_bundle,
                         events_channel(self.settings.redis_prefix): on_event}
             self._tasks.append(asyncio.create_task(
-                listen(self.settings.redis_url, handlers, on_state=on_state, stopped=lambda: self.bundles.stopped),
+                listen(self.settings.redis_url, handlers, on_state=on_state, stopped=lambda: self.bundles.stopped,
+                       cluster=self.settings.redis_cluster),
                 name="notices"))
 
     async def _refresh_quietly(self) -> None:
@@ -134,8 +136,6 @@ class Runtime:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.guard.close()
-        if self.redis is not None:
-            await self.redis.aclose()
         if self.executor is not None:
             self.executor.shutdown(wait=True, cancel_futures=False)
 
@@ -150,7 +150,7 @@ class Runtime:
         """(answer body without "cached", served_from_cache)."""
         b = bundle or self.bundle()
         uid = q.user_id
-        key = self.cache.key(b.index_version, q.canonical())
+        key = self.cache.key(b.index_version, q.canonical(), uid)
         seq_key = self.events.seq_key(uid) if uid is not None else None
         local_seq = self.events.local_seq(uid) if uid is not None else None
         # from here until it reaches the batcher (or needs no computation) this request is company
@@ -263,14 +263,6 @@ def _compute_thread_init(threads: int) -> None:
         from index.searcher import set_threads
 
         set_threads(threads)
-
-
-def _resp_client(settings: Settings) -> RespClient | None:
-    try:
-        return RespClient(settings.redis_url, settings.redis_timeout_s)
-    except ValueError as exc:  # e.g. rediss:// (TLS): redis-py carries the request path too
-        log.info("request-path Redis traffic through redis-py: %s", exc)
-        return None
 
 
 def _bundle_key(r: Any) -> int:

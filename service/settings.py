@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     # Redis: result cache, per-user event history, reload notices. "" = no Redis at all
     # (in-process cache and in-process event store, single-process only).
     redis_url: str = DEFAULT_REDIS_URL
+    # Redis Cluster: TT_REDIS_URL names any node, redis-py's cluster client finds the others and sends
+    # each command to the node that owns its keys (a user's keys share a slot through hash tags)
+    redis_cluster: bool = False
     # namespace of every key and channel, so several deployments (or tests) share one Redis
     redis_prefix: str = Field(default=DEFAULT_REDIS_PREFIX, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
     # result-cache TTL; 0 disables the result cache (events still go to Redis)

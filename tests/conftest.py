@@ -94,3 +94,61 @@ def _free_port() -> int:
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a uvicorn or redis subprocess)."""
     return _free_port()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-node Redis Cluster (3 primaries, no replicas) on free ports, for this test session:
+    ``redis-server --cluster-enabled yes`` three times, then ``redis-cli --cluster create``. Yields
+    the URL of the first node (the service finds the others from it); the nodes are killed at the end."""
+    import shutil
+    import subprocess
+    import time
+
+    import redis
+
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.fail("redis-server and redis-cli are needed for the Redis Cluster tests "
+                    "(Debian: apt-get install redis-server)", pytrace=False)
+    base = tmp_path_factory.mktemp("redis-cluster")
+    ports = [_free_port() for _ in range(3)]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for port in ports:
+            d = base / str(port)
+            d.mkdir()
+            # the cluster bus gets a free port of its own (the default, port + 10000, may be taken or > 65535)
+            procs.append(subprocess.Popen(
+                [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(_free_port()), "--cluster-config-file", str(d / "nodes.conf"),
+                 "--cluster-node-timeout", "2000", "--save", "", "--appendonly", "no", "--dir", str(d)],
+                stdout=subprocess.DEVNULL, stderr=(d / "log").open("wb")))
+        clients = [redis.Redis(port=p, socket_connect_timeout=1, socket_timeout=2) for p in ports]
+        deadline = time.monotonic() + 20
+        for c in clients:
+            while True:
+                try:
+                    c.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+                        pytest.fail(f"a cluster node did not start; see {base}", pytrace=False)
+                    time.sleep(0.05)
+        made = subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            pytest.fail(f"redis-cli --cluster create failed:\n{made.stdout}{made.stderr}", pytrace=False)
+        deadline = time.monotonic() + 30
+        while not all(c.cluster("info").get("cluster_state") == "ok" for c in clients):
+            if time.monotonic() > deadline:
+                pytest.fail("the Redis Cluster did not reach cluster_state:ok in 30 s", pytrace=False)
+            time.sleep(0.1)
+        for c in clients:
+            c.close()
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait(timeout=10)
