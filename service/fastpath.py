@@ -60,7 +60,7 @@ class FastPost:
         body = b"".join(chunks)
         try:
             doc = json.loads(body)
-        except ValueError:  # not JSON: FastAPI's own words for that (the work has not run)
+        except (ValueError, RecursionError):  # not JSON, or nested too deep: FastAPI words that (the work has not run)
             await self.app(scope, _replay(body, receive), send)
             return
         if self.route is not None:

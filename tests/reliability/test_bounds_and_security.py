@@ -131,7 +131,7 @@ def test_the_admin_token_is_decided_by_a_constant_time_comparison(trained, monke
     import asyncio
     import hmac
 
-    from service import app as app_module
+    from service.routes import deps
     from tests.service.helpers import running, settings_for
 
     asked: list[tuple[bytes, bytes]] = []
@@ -142,7 +142,7 @@ def test_the_admin_token_is_decided_by_a_constant_time_comparison(trained, monke
         asked.append((a, b))
         return compare(a, b) if verdict["forge"] is None else bool(verdict["forge"])
 
-    monkeypatch.setattr(app_module.hmac, "compare_digest", spy)
+    monkeypatch.setattr(deps.hmac, "compare_digest", spy)
 
     async def main() -> list[int]:
         codes = []
