@@ -45,11 +45,11 @@ $(RUN_STAMP): pyproject.toml scripts/install-torch.sh
 	  echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install $(PIP_FLAGS) --quiet --upgrade pip
 	scripts/install-torch.sh $(PY)
-	$(PY) -m pip install $(PIP_FLAGS) -e .
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[jobs]'
 	@touch $@
 
 $(DEV_STAMP): $(RUN_STAMP)
-	$(PY) -m pip install $(PIP_FLAGS) -e '.[dev]'
+	$(PY) -m pip install $(PIP_FLAGS) -e '.[jobs,dev]'
 	@touch $@
 
 # --- the two commands --------------------------------------------------------------------------

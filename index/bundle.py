@@ -8,8 +8,12 @@ A bundle is a directory ``ARTIFACTS/bundles/<index_version>/`` holding::
     item_ids.json        catalogue ids in row order + their type (IdMap)
     item_vectors.npy     (N, D) float32 item vectors, row r = item_ids[r]
     popular.json         item ids, most popular first (fallback for users with nothing to go on)
-    users.parquet        user feature table, index user_id (str)
-    user_items.parquet   user_id, history (last history_len items, oldest first), seen (every item)
+    user_tower.npz       the user tower's weights and feature encoder as NumPy arrays + a JSON header
+                         (towers.inference.UserEmbedder): the service embeds users from it, no torch
+                         needed; absent when the tower has a layer without a NumPy forward, and the
+                         service then needs torch to read model.pt
+    users.json           user feature table: {user_id: {feature: value}} (missing values null)
+    user_items.json      {user_id: [history (last history_len items, oldest first), seen (every item)]}
 
 Publishing is atomic: the bundle is written under ``bundles/.staging-*``, validated, fsynced, renamed
 to its version, and then the ``bundles/CURRENT`` pointer is replaced with write-temp + fsync +
@@ -24,6 +28,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -34,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from index.searcher import (
     ExactSearcher,
@@ -63,10 +67,11 @@ from towers.schema import DataError
 
 if TYPE_CHECKING:
     from towers.checkpoint import TwoTowerModel
+    from towers.inference import UserEmbedder
 
 log = logging.getLogger(__name__)
 
-FORMAT = "twotower-bundle/1"
+FORMAT = "twotower-bundle/2"  # 2: users/user_items as JSON, user_tower.npz (was parquet, model.pt only)
 POINTER = CURRENT
 STAGING_PREFIX = ".staging-"
 DEFAULT_KEEP = 5
@@ -77,8 +82,9 @@ INDEX = "index.faiss"
 ITEM_IDS = "item_ids.json"
 ITEM_VECTORS = "item_vectors.npy"
 POPULAR = "popular.json"
-USERS = "users.parquet"
-USER_ITEMS = "user_items.parquet"
+USERS = "users.json"
+USER_ITEMS = "user_items.json"
+USER_TOWER = "user_tower.npz"
 REQUIRED_FILES = (MODEL, INDEX, ITEM_IDS, ITEM_VECTORS, POPULAR, USERS, USER_ITEMS)
 
 
@@ -121,7 +127,9 @@ class Manifest:
         if not isinstance(d, Mapping):
             raise BundleError(f"{where}: manifest must be a JSON object")
         if d.get("format") != FORMAT:
-            raise BundleError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}")
+            hint = ("; it was written by an older reindex job: run `twotower reindex` to publish the catalogue "
+                    "in the current format") if d.get("format") == "twotower-bundle/1" else ""
+            raise BundleError(f"{where}: format is {d.get('format')!r}, expected {FORMAT!r}{hint}")
         try:
             return Manifest(
                 index_version=str(d["index_version"]), model_version=str(d["model_version"]),
@@ -161,7 +169,7 @@ def sha256_file(path: str | Path) -> str:
 
 def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str, model_path: str | Path,
                  searcher: FaissSearcher, id_map: IdMap, item_vectors: np.ndarray,
-                 popular: Sequence[ItemId], users: pd.DataFrame,
+                 popular: Sequence[ItemId], users: Any,
                  histories: Mapping[str, Sequence[ItemId]], seen: Mapping[str, Iterable[ItemId]],
                  recall: float, recall_k: int, n_eval_users: int, history_len: int,
                  n_cold_items: int = 0, extra: Mapping[str, Any] | None = None) -> Manifest:
@@ -192,20 +200,18 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
     id_map.save(out / ITEM_IDS)
     np.save(out / ITEM_VECTORS, np.ascontiguousarray(vecs))
     (out / POPULAR).write_text(json.dumps([_plain(p) for p in popular]), encoding="utf-8")
-    u = users.copy()
-    u.index = u.index.map(str)
-    u.index.name = "user_id"
-    u.to_parquet(out / USERS)
+    _export_user_tower(Path(model_path), out / USER_TOWER)
+    cols = list(users.columns)
+    profiles = {str(uid): {c: _json_value(v) for c, v in zip(cols, vals, strict=True)}
+                for uid, vals in zip(users.index, users.itertuples(index=False, name=None), strict=True)}
+    _write_json(out / USERS, profiles)
     user_ids = sorted(set(histories) | set(seen))
-    rows = pd.DataFrame({
-        "user_id": user_ids,
-        "history": [[_plain(i) for i in histories.get(uid, ())] for uid in user_ids],
-        "seen": [sorted({_plain(i) for i in seen.get(uid, ())}, key=_sort_key) for uid in user_ids],
-    })
-    rows.to_parquet(out / USER_ITEMS, index=False)
+    _write_json(out / USER_ITEMS, {str(uid): [[_plain(i) for i in histories.get(uid, ())],
+                                              sorted({_plain(i) for i in seen.get(uid, ())}, key=_sort_key)]
+                                   for uid in user_ids})
 
-    files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size}
-             for name in REQUIRED_FILES}
+    names = [*REQUIRED_FILES, *([USER_TOWER] if (out / USER_TOWER).exists() else [])]
+    files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size} for name in names}
     manifest = Manifest(
         index_version=index_version, model_version=model_version,
         created_at=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -222,13 +228,38 @@ def _plain(v: Any) -> Any:
     return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v
 
 
-def _plain_value(v: Any) -> Any:
-    """Parquet hands list cells back as numpy arrays; features are tuples in the schema."""
-    if isinstance(v, np.ndarray):
-        return tuple(v.tolist())
+def _json_value(v: Any) -> Any:
+    """A feature value as JSON holds it: lists for multi-valued features, null for missing."""
+    if isinstance(v, np.ndarray | tuple | list):
+        return [_json_value(x) for x in v]
     if isinstance(v, np.generic):
-        return v.item()
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
     return v
+
+
+def _write_json(path: Path, doc: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, separators=(",", ":"), allow_nan=False)
+
+
+def _export_user_tower(model_path: Path, dest: Path) -> None:
+    """Write the checkpoint's user side as the service loads it (towers.inference.UserEmbedder).
+    A tower with a layer the NumPy forward cannot mirror gets no export: the service then reads
+    model.pt, which needs torch where it runs."""
+    from towers.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        model = load_checkpoint(model_path, parts=("user",))
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from exc
+    try:
+        embedder = model.user_embedder()
+    except ValueError as exc:
+        log.warning("no %s in the bundle (%s): serving it needs torch", USER_TOWER, exc)
+        return
+    embedder.save(dest)
 
 
 def _sort_key(v: Any) -> tuple[int, Any]:
@@ -308,11 +339,23 @@ def validate_bundle(bundle_dir: str | Path, *, verify_checksums: bool = True, ch
         if dim != m.dim:
             raise BundleError(f"{d / MODEL}: model outputs dim {dim}, index dim is {m.dim}")
     for name in (USERS, USER_ITEMS):
-        try:
-            pd.read_parquet(d / name, columns=[] if name == USERS else ["user_id"])
-        except Exception as exc:  # pyarrow raises many types for a corrupt file
-            raise BundleError(f"{d / name}: unreadable parquet ({exc})") from exc
+        if not isinstance(_load_json(d / name), dict):
+            raise BundleError(f"{d / name}: expected a JSON object keyed by user id")
+    if USER_TOWER in m.files:
+        _load_user_tower(d / USER_TOWER, m.dim)
     return m
+
+
+def _load_user_tower(path: Path, dim: int) -> Any:
+    from towers.inference import UserEmbedder
+
+    try:
+        model = UserEmbedder.load(path)
+    except ValueError as exc:
+        raise BundleError(str(exc)) from exc
+    if model.dim != dim:
+        raise BundleError(f"{path}: model outputs dim {model.dim}, index dim is {dim}")
+    return model
 
 
 def _checkpoint_dim(path: Path) -> int:
@@ -372,7 +415,7 @@ class LoadedBundle:
 
     path: Path
     manifest: Manifest
-    model: TwoTowerModel
+    model: UserEmbedder | TwoTowerModel  # the NumPy user side (user_tower.npz), or the checkpoint
     searcher: Searcher
     id_map: IdMap
     item_vectors: np.ndarray  # (N, D) float32, memory-mapped
@@ -424,8 +467,6 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True, backend: str = "
     torch has CUDA but FAISS has no GPU support, else FAISS on the CPU; "faiss" and "torch" force one.
     ``parts``: the towers to load; the service needs only the user tower.
     """
-    from towers.checkpoint import CheckpointError, load_checkpoint
-
     d = Path(bundle_dir)
     m = validate_bundle(d, check_model=False) if verify else read_manifest(d)
     id_map = IdMap.load(d / ITEM_IDS)
@@ -438,27 +479,39 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True, backend: str = "
         searcher = _load_index(d / INDEX, m.recipe_obj, use_gpu=None)
     else:
         raise ValueError(f"unknown search backend {backend!r} (auto, faiss, torch)")
-    try:
-        model = load_checkpoint(d / MODEL, parts=parts)
-    except CheckpointError as exc:
-        raise BundleError(str(exc)) from exc
-    if model.config.dim != m.dim:
-        raise BundleError(f"{d / MODEL}: model outputs dim {model.config.dim}, index dim is {m.dim}")
+    model: Any
+    if tuple(parts) == ("user",) and USER_TOWER in m.files:
+        model = _load_user_tower(d / USER_TOWER, m.dim)  # NumPy only: what the api image runs
+    else:
+        model = _load_model(d / MODEL, parts, m.dim)
 
     popular = [id_map.parse(p) for p in _load_json(d / POPULAR)]
-    users = pd.read_parquet(d / USERS)
-    cols = list(users.columns)
-    user_features = {str(uid): {c: _plain_value(v) for c, v in zip(cols, vals, strict=True)}
-                     for uid, vals in zip(users.index, users.itertuples(index=False, name=None), strict=True)}
-    ui = pd.read_parquet(d / USER_ITEMS)
+    user_features = {str(uid): {c: tuple(v) if isinstance(v, list) else v for c, v in prof.items()}
+                     for uid, prof in _load_json(d / USERS).items()}
     conv = int if id_map.id_type == "int" else str
     histories: dict[str, list[ItemId]] = {}
     seen: dict[str, frozenset[ItemId]] = {}
-    for uid, hist, seen_items in zip(ui["user_id"], ui["history"], ui["seen"], strict=True):
-        histories[str(uid)] = [conv(i) for i in hist]
-        seen[str(uid)] = frozenset(conv(i) for i in seen_items)
+    for uid, (hist, seen_items) in _load_json(d / USER_ITEMS).items():
+        histories[uid] = [conv(i) for i in hist]
+        seen[uid] = frozenset(conv(i) for i in seen_items)
     return LoadedBundle(path=d, manifest=m, model=model, searcher=searcher, id_map=id_map, item_vectors=vecs,
                         popular=popular, user_features=user_features, histories=histories, seen=seen)
+
+
+def _load_model(path: Path, parts: Sequence[str], dim: int) -> Any:
+    """The checkpoint itself (torch): the jobs, and a bundle whose user tower has no NumPy export."""
+    try:
+        from towers.checkpoint import CheckpointError, load_checkpoint
+    except ImportError as exc:
+        raise BundleError(f"{path.parent}: this bundle has no {USER_TOWER} (its user tower needs torch), "
+                          f"and torch is not installed here ({exc})") from exc
+    try:
+        model = load_checkpoint(path, parts=parts)
+    except CheckpointError as exc:
+        raise BundleError(str(exc)) from exc
+    if model.config.dim != dim:
+        raise BundleError(f"{path}: model outputs dim {model.config.dim}, index dim is {dim}")
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,11 +15,6 @@ import numpy as np
 from service.pipeline import ItemId, ServingBundle
 
 
-def _plain_profile(p: dict[str, Any]) -> dict[str, Any]:
-    # multi-valued features come back from parquet as numpy arrays; the encoder wants tuples
-    return {k: (tuple(str(x) for x in v) if isinstance(v, np.ndarray | list) else v) for k, v in p.items()}
-
-
 def from_loaded(lb: Any) -> ServingBundle:
     """Adapt an ``index.bundle.LoadedBundle``."""
     id_map = lb.id_map
@@ -27,8 +22,6 @@ def from_loaded(lb: Any) -> ServingBundle:
     # popular.json carries an order, not counts: score by rank, 1.0 for the most popular
     pop_scores = (1.0 - np.arange(len(pop_fids), dtype=np.float32) / max(1, len(pop_fids))).astype(np.float32)
     profiles: dict[str, dict[str, Any]] = lb.user_features
-    if any(isinstance(v, np.ndarray | list) for p in list(profiles.values())[:100] for v in p.values()):
-        profiles = {u: _plain_profile(p) for u, p in profiles.items()}
     histories: dict[str, list[ItemId]] = lb.histories
     seen: dict[str, frozenset[ItemId]] = lb.seen
     encoder_users = set(lb.model.encoder.user_ids)

@@ -78,15 +78,8 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        import torch
-
         if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
-            try:
-                from index.searcher import set_threads
-                set_threads(self.settings.torch_threads)
-            except ImportError:  # older index package: FAISS keeps its default thread count
-                pass
+            _limit_threads(self.settings.torch_threads)
         self.runner.start()
         if self.guard.configured:
             await self.guard.ping()
@@ -253,6 +246,22 @@ class Runtime:
             return 503, doc
         doc["status"] = "degraded" if redis_state == "down" else "ready"
         return 200, doc
+
+
+def _limit_threads(n: int) -> None:
+    """Threads inside one compute call: FAISS's OpenMP team, NumPy's BLAS (the user tower's matrix
+    products), and torch's intra-op pool where torch is installed (the api image has none)."""
+    from threadpoolctl import threadpool_limits
+
+    from index.searcher import set_threads
+
+    set_threads(n)
+    threadpool_limits(limits=n, user_api="blas")
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(n)
 
 
 def _compute_thread_init(threads: int) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from towers.artifacts import atomic_open
 from towers.features import FeatureEncoder
-from towers.inference import UserTowerNumpy
+from towers.inference import UserEmbedder, UserTowerNumpy
 from towers.model import ItemTower, TowerConfig, UserTower
 
 FORMAT = "twotower-checkpoint/1"
@@ -72,9 +72,11 @@ class TwoTowerModel:
         if self.user_tower is None:
             raise RuntimeError("this model was loaded without its user tower")
         twin = self._numpy_user_tower()
-        dev = torch.device("cpu") if twin is not None else _device_of(self.user_tower)
+        if twin is not None:  # the NumPy forward, as the service runs it
+            return UserEmbedder(self.encoder, twin, self.dim).embed_users(user_ids, features, histories, batch_size)
+        dev = _device_of(self.user_tower)
         on_cpu = dev.type == "cpu"
-        if twin is None and self.user_tower.training:  # Module.eval() walks every submodule: ~0.2 ms
+        if self.user_tower.training:  # Module.eval() walks every submodule: ~0.2 ms
             self.user_tower.eval()
         n = len(user_ids)
         out = np.empty((n, self.dim), dtype=np.float32)
@@ -87,13 +89,20 @@ class TwoTowerModel:
                 feats = features[s:e]
             batch = self.encoder.encode_users(user_ids[s:e], feats,
                                               histories[s:e] if histories is not None else None)
-            if twin is not None:
-                out[s:e] = twin(batch)
-                continue
             if not on_cpu:
                 batch = {k: v.to(dev) for k, v in batch.items()}
             out[s:e] = self.user_tower(batch).float().cpu().numpy()
         return out
+
+    def user_embedder(self) -> UserEmbedder:
+        """The user side as the service runs it (NumPy only; ``save`` writes the bundle's export).
+        ValueError when the user tower has a layer the NumPy forward cannot mirror."""
+        if self.user_tower is None:
+            raise RuntimeError("this model was loaded without its user tower")
+        twin = self._numpy_user_tower()
+        if twin is None:
+            raise ValueError("the user tower has no NumPy forward (a layer it cannot mirror, or not on the CPU)")
+        return UserEmbedder(self.encoder, twin, self.dim)
 
     def _numpy_user_tower(self) -> UserTowerNumpy | None:
         """The user tower's NumPy forward (towers.inference), built once and rebuilt if the module's
@@ -106,7 +115,7 @@ class TwoTowerModel:
             self._user_np = None
             return None
         try:
-            self._user_np = UserTowerNumpy(self.user_tower)
+            self._user_np = UserTowerNumpy.from_module(self.user_tower)
         except ValueError:
             self._user_np = None
         return self._user_np

@@ -3,21 +3,28 @@
 Row 0 of every table is reserved: it is padding for sequences and the out-of-vocabulary bucket for
 ids and values never seen at fit time. The encoder is plain data (lists, dicts, floats) so it
 travels inside the checkpoint and loads with ``torch.load(weights_only=True)``.
+
+Encoding produces NumPy arrays (``*_arrays`` methods); the torch methods wrap them as tensors for
+the towers. Neither torch nor pandas is imported here until a method needs it: the service encodes
+users with NumPy alone.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
 
 from towers.schema import FeatureSpec, normalize_user_id, split_multi
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
 
 PAD = 0  # padding / out-of-vocabulary row
 
@@ -122,6 +129,8 @@ class FeatureEncoder:
 
         ``users``/``items`` are indexed by id; every id in them gets its own row.
         """
+        import pandas as pd
+
         from towers.schema import item_ids_are_int
 
         item_ids = list(items.index)
@@ -230,7 +239,7 @@ class FeatureEncoder:
 
     # ---------------------------------------------------------------- encoding
     def _encode_side(self, side: str, specs: list[FeatureSpec], rows: Sequence[Mapping[str, Any] | None],
-                     out: dict[str, torch.Tensor]) -> None:
+                     out: dict[str, np.ndarray]) -> None:
         n = len(rows)
         for spec in specs:
             key = _feature_key(side, spec)
@@ -239,7 +248,7 @@ class FeatureEncoder:
                 mean, std = self.numeric_stats[key]
                 arr = np.array([_num(v) for v in values], dtype=np.float64)
                 arr = np.where(np.isfinite(arr), (arr - mean) / std, 0.0)
-                out[key] = torch.from_numpy(np.clip(arr, -5.0, 5.0).astype(np.float32))
+                out[key] = np.clip(arr, -5.0, 5.0).astype(np.float32)
             elif spec.kind == "multi":
                 vocab = self.vocabs[key]
                 bags = [[r for r in vocab.rows(split_multi(v)) if r != PAD] for v in values]
@@ -247,22 +256,26 @@ class FeatureEncoder:
                 mat = np.zeros((n, width), dtype=np.int64)  # (N, M), 0 = padding, ignored by pooling
                 for i, b in enumerate(bags):
                     mat[i, : len(b)] = b
-                out[key] = torch.from_numpy(mat)
+                out[key] = mat
             else:
                 vocab = self.vocabs[key]
-                out[key] = torch.tensor([vocab.row(_cat(v)) for v in values], dtype=torch.long)
+                out[key] = np.array([vocab.row(_cat(v)) for v in values], dtype=np.int64)
 
     def encode_items(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Encode catalogue rows (indexed by item id). Ids unknown to the encoder get row 0:
         the tower then embeds them from content features alone (cold-start items)."""
-        out: dict[str, torch.Tensor] = {
-            "item_row": torch.from_numpy(self.item_rows(items.index)),
-        }
+        out: dict[str, np.ndarray] = {"item_row": self.item_rows(items.index)}
         out.update({k: v[1:] for k, v in self._encode_table("item", self.item_features, items).items()})
-        return out
+        return _tensors(out)
 
     def encode_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
                      histories: Sequence[Sequence[Any]] | None) -> dict[str, torch.Tensor]:
+        """``encode_users_arrays`` as tensors, for the tower modules."""
+        return _tensors(self.encode_users_arrays(user_ids, features, histories))
+
+    def encode_users_arrays(self, user_ids: Sequence[Any],
+                            features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
+                            histories: Sequence[Sequence[Any]] | None) -> dict[str, np.ndarray]:
         """Encode a batch of users.
 
         ``user_ids``: ids (None or unknown -> row 0); ``features``: a DataFrame aligned with
@@ -270,18 +283,18 @@ class FeatureEncoder:
         per user, oldest first; unknown ids are skipped and only the last ``history_len`` kept.
         """
         n = len(user_ids)
-        out: dict[str, torch.Tensor] = {"user_row": torch.from_numpy(self.user_rows(user_ids))}
+        out: dict[str, np.ndarray] = {"user_row": self.user_rows(user_ids)}
         if features is None:
             recs: Sequence[Mapping[str, Any] | None] = [None] * n
-        elif isinstance(features, pd.DataFrame):
-            recs = _records(features, self.user_features)
+        elif _is_frame(features):
+            recs = _records(features, self.user_features)  # type: ignore[arg-type]
         else:
-            recs = features
+            recs = features  # type: ignore[assignment]
         if len(recs) != n:
             raise ValueError(f"{len(recs)} feature rows for {n} users")
         self._encode_side("user", self.user_features, recs, out)
         hist_rows = [self.history_rows(h) for h in (histories if histories is not None else [[]] * n)]
-        out["hist"] = torch.from_numpy(pad_rows(hist_rows, self.history_len))
+        out["hist"] = pad_rows(hist_rows, self.history_len)
         return out
 
     def history_rows(self, history: Sequence[Any]) -> np.ndarray:
@@ -294,63 +307,79 @@ class FeatureEncoder:
     def encode_user_table(self, users: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Side features of every known user in user-row order (row 0 = unknown user), for
         training loops that gather feature rows by index instead of re-encoding per batch."""
+        import pandas as pd
+
         ids = np.asarray([normalize_user_id(u) for u in users.index], dtype=object)
         if len(ids) != len(self.user_ids) or not (ids == np.asarray(self.user_ids, dtype=object)).all():
             users = users.set_axis(pd.Index(ids, dtype=object)).reindex(self.user_ids)
         out = self._encode_table("user", self.user_features, users)
-        out["user_row"] = torch.arange(self.n_user_rows, dtype=torch.long)
-        return out
+        out["user_row"] = np.arange(self.n_user_rows, dtype=np.int64)
+        return _tensors(out)
 
     def encode_item_table(self, items: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Every catalogue item in item-row order (row 0 = padding)."""
         if len(items) != len(self.item_ids) or not (items.index.to_numpy() == np.asarray(self.item_ids)).all():
             items = items.reindex(self.item_ids)
         out = self._encode_table("item", self.item_features, items)
-        out["item_row"] = torch.arange(self.n_item_rows, dtype=torch.long)
-        return out
+        out["item_row"] = np.arange(self.n_item_rows, dtype=np.int64)
+        return _tensors(out)
 
-    def _encode_table(self, side: str, specs: list[FeatureSpec], table: pd.DataFrame) -> dict[str, torch.Tensor]:
+    def _encode_table(self, side: str, specs: list[FeatureSpec], table: pd.DataFrame) -> dict[str, np.ndarray]:
         """Row 0 (the reserved padding / unknown row: every feature missing), then one row per table row.
 
         The same values as ``_encode_side`` on the table's records, column by column: a categorical
         value is looked up once per distinct value, a numeric column is converted as one array, so
         millions of users cost no per-row Python objects (multi-valued features still go row by row).
         """
-        out: dict[str, torch.Tensor] = {}
-        missing: dict[str, torch.Tensor] = {}
+        import pandas as pd
+
+        out: dict[str, np.ndarray] = {}
+        missing: dict[str, np.ndarray] = {}
         self._encode_side(side, specs, [None], missing)  # row 0
         for spec in specs:
             key = _feature_key(side, spec)
             if spec.name not in table.columns:
-                out[key] = missing[key].repeat(len(table) + 1, *([1] * (missing[key].dim() - 1)))
+                out[key] = np.tile(missing[key], (len(table) + 1,) + (1,) * (missing[key].ndim - 1))
                 continue
             col = table[spec.name]
             if spec.kind == "numeric" and pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
                 mean, std = self.numeric_stats[key]
                 arr = col.to_numpy(dtype=np.float64, na_value=np.nan)
                 arr = np.where(np.isfinite(arr), (arr - mean) / std, 0.0)
-                enc = torch.from_numpy(np.clip(arr, -5.0, 5.0).astype(np.float32))
+                enc = np.clip(arr, -5.0, 5.0).astype(np.float32)
             elif spec.kind == "categorical" and _all_text(col):
                 codes, uniques = pd.factorize(col, use_na_sentinel=True)  # NaN -> -1
                 vocab = self.vocabs[key]
                 lookup = np.array([vocab.row(_cat(u)) for u in uniques] + [vocab.row(_cat(None))], dtype=np.int64)
-                enc = torch.from_numpy(lookup[codes])  # code -1 picks the last entry: the missing value
+                enc = lookup[codes]  # code -1 picks the last entry: the missing value
             else:
-                part: dict[str, torch.Tensor] = {}
+                part: dict[str, np.ndarray] = {}
                 self._encode_side(side, [spec], _records(table[[spec.name]], [spec]), part)
                 enc = part[key]
             first = missing[key]
-            if enc.dim() == 2 and first.shape[1] != enc.shape[1]:  # multi: pad to the wider bag
+            if enc.ndim == 2 and first.shape[1] != enc.shape[1]:  # multi: pad to the wider bag
                 width = max(first.shape[1], enc.shape[1])
-                first = torch.nn.functional.pad(first, (0, width - first.shape[1]))
-                enc = torch.nn.functional.pad(enc, (0, width - enc.shape[1]))
-            out[key] = torch.cat([first, enc])
+                first = np.pad(first, ((0, 0), (0, width - first.shape[1])))
+                enc = np.pad(enc, ((0, 0), (0, width - enc.shape[1])))
+            out[key] = np.concatenate([first, enc])
         return out
 
 
 def gather_rows(table: Mapping[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Select rows of an encoded table (from encode_user_table / encode_item_table)."""
     return {k: v.index_select(0, rows) for k, v in table.items()}
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+
+def _is_frame(x: Any) -> bool:
+    """A pandas DataFrame, found without importing pandas (if it is not imported, x is not one)."""
+    pd = sys.modules.get("pandas")
+    return pd is not None and isinstance(x, pd.DataFrame)
 
 
 def pad_rows(seqs: Sequence[np.ndarray], width: int) -> np.ndarray:
@@ -373,6 +402,8 @@ def _records(df: pd.DataFrame, specs: list[FeatureSpec]) -> list[Mapping[str, An
 def _all_text(col: pd.Series) -> bool:
     """Every value a string or missing: distinct values are then distinct categories (factorize would
     merge 1, 1.0 and True, which ``_cat`` spells differently)."""
+    import pandas as pd
+
     if pd.api.types.is_string_dtype(col.dtype) and col.dtype != object:
         return True
     return col.dtype == object and pd.api.types.infer_dtype(col, skipna=True) in ("string", "empty")

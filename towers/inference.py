@@ -1,34 +1,40 @@
-"""The user tower's forward pass for serving: the same arithmetic as ``UserTower.forward``, with
-the lookups and pooling in NumPy.
+"""The user tower's forward pass for serving, in NumPy: the same arithmetic as ``UserTower.forward``.
 
 Why: a serving batch is a handful of users, and at that size torch's per-op dispatch is the cost,
 not the arithmetic. Measured on the 2-core benchmark machine for 8 users: the module's forward
 took ~0.3-0.45 ms, of which the padded mean ``embedding_bag`` alone ~80 us and ``F.normalize`` ~45
-us; the gathers, means and normalisation below cost a few microseconds each. The linear layers
-stay in torch (through zero-copy views), so they run on torch's thread settings rather than
-OpenBLAS's own thread pool, whose workers would spin against the event loop.
+us; the gathers, means and normalisation below cost a few microseconds each, and the linear layers
+are one small matrix product each. The serving process then needs no torch at all (the api image
+carries NumPy, not torch): ``UserEmbedder`` loads the tower's weights from the export the reindex
+job writes into every bundle (``user_tower.npz``), with the feature encoder beside them.
 
-Weights are views of the module's CPU parameters (no copy): an optimizer step or
-``load_state_dict`` (both in place) is seen at once. ``UserTowerNumpy.matches`` tells whether the
-views still point at the module's storage (after ``.to(device)`` they would not).
+Two ways to build the forward:
+- ``UserTowerNumpy.from_module(tower)``: views of a live module's CPU parameters (no copy), so an
+  optimizer step or ``load_state_dict`` (both in place) is seen at once; ``matches`` tells whether
+  the views still point at the module's storage (after ``.to(device)`` they would not). Used by
+  ``TwoTowerModel.embed_users`` during training and evaluation.
+- ``UserTowerNumpy.from_state(meta, arrays)``: from the export (``state()`` writes it).
+
+BLAS threads: the matrix products run on NumPy's BLAS; the service keeps that to one thread (see
+service.runtime), so its thread pool cannot spin against the event loop.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import nn
 
-from towers.model import UserTower
+from towers.features import FeatureEncoder
+
+if TYPE_CHECKING:
+    from towers.model import UserTower
 
 _EPS = 1e-12  # F.normalize's default
-
-
-def _view(p: torch.Tensor) -> np.ndarray:
-    return p.detach().numpy()
+EXPORT_FORMAT = "twotower-user-tower/1"
 
 
 def _bag(table: np.ndarray, idx: np.ndarray, mean: bool) -> np.ndarray:
@@ -42,48 +48,117 @@ def _bag(table: np.ndarray, idx: np.ndarray, mean: bool) -> np.ndarray:
     return np.einsum("bm,bmd->bd", w, table[idx])
 
 
-class UserTowerNumpy:
-    """Callable like the module on an encoded batch (tensors or arrays) -> (B, D) float32 array."""
+def _array(v: Any) -> np.ndarray:
+    return v if isinstance(v, np.ndarray) else (v.numpy() if hasattr(v, "numpy") else np.asarray(v))
 
-    def __init__(self, tower: UserTower) -> None:
+
+class UserTowerNumpy:
+    """Callable like the module on an encoded batch (arrays or tensors) -> (B, D) float32 array."""
+
+    def __init__(self, *, user: np.ndarray | None, hist: np.ndarray | None,
+                 side: list[tuple[str, str, np.ndarray | None, bool]],
+                 layers: list[tuple[str, np.ndarray | None, np.ndarray | None]]) -> None:
+        self.user, self.hist = user, hist  # (U, E), (I, E) id and history tables
+        self.side = side  # (batch key, kind, table or None, mean pooling) per user feature
+        self.layers = layers  # ("linear", W (out, in), b) or ("relu", None, None), in order
+        self._tower: Any = None
+        self._slots: list[tuple[Any, str]] = []
+        self._ptrs: tuple[int, ...] = ()
+
+    # ------------------------------------------------------------------ from a module (torch)
+    @classmethod
+    def from_module(cls, tower: UserTower) -> UserTowerNumpy:
+        """Views of ``tower``'s CPU parameters; ValueError for a tower off the CPU or with a layer
+        this forward has no twin for."""
+        from torch import nn
+
         if next(tower.parameters()).device.type != "cpu":
             raise ValueError("the NumPy forward needs the tower on the CPU")
-        self._tower = tower
-        # where each weight lives: (module, parameter name) -> storage address at build time
-        self._slots = [(mod, name) for mod in tower.modules() for name in mod._parameters]
-        self._ptrs = self._pointers()
-        self.user = _view(tower.user_emb.weight) if tower.user_emb is not None else None
-        self.hist = _view(tower.hist_emb.weight) if tower.hist_emb is not None else None
+
+        def view(p: Any) -> np.ndarray:
+            return p.detach().numpy()
+
         feats = tower.features
         mean = tower.cfg.multi_pooling == "mean"
-        # (batch key, kind, table or None, mean pooling)
-        self.side: list[tuple[str, str, np.ndarray | None, bool]] = []
+        side: list[tuple[str, str, np.ndarray | None, bool]] = []
         for i, key in enumerate(feats.keys):
             kind = feats.kinds[key]
-            table = _view(feats.tables[str(i)].weight) if kind != "numeric" else None  # type: ignore[arg-type]
-            self.side.append((key, kind, table, mean))
-        self.layers: list[tuple[str, Any, Any]] = []
+            table = view(feats.tables[str(i)].weight) if kind != "numeric" else None
+            side.append((key, kind, table, mean))
+        layers: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
         for m in tower.mlp:
             if isinstance(m, nn.Linear):
-                self.layers.append(("linear", m.weight, m.bias))
+                layers.append(("linear", view(m.weight), view(m.bias)))
             elif isinstance(m, nn.ReLU):
-                self.layers.append(("relu", None, None))
+                layers.append(("relu", None, None))
             elif isinstance(m, nn.Dropout):
                 continue  # identity at inference
             else:
                 raise ValueError(f"no NumPy twin for layer {type(m).__name__}")
+        twin = cls(user=view(tower.user_emb.weight) if tower.user_emb is not None else None,
+                   hist=view(tower.hist_emb.weight) if tower.hist_emb is not None else None,
+                   side=side, layers=layers)
+        # where each weight lives: (module, parameter name) -> storage address at build time
+        twin._tower = tower
+        twin._slots = [(mod, name) for mod in tower.modules() for name in mod._parameters]
+        twin._ptrs = twin._pointers()
+        return twin
 
     def _pointers(self) -> tuple[int, ...]:
         return tuple(-1 if (p := mod._parameters[name]) is None else p.data_ptr() for mod, name in self._slots)
 
     def matches(self, tower: UserTower) -> bool:
         """True while this twin still views ``tower``'s parameter storage: False after ``.to()`` or a
-        parameter replaced by a new tensor. (Checked per call, so it reads the recorded parameter
-        slots directly: walking ``tower.parameters()`` cost ~0.1 ms.)"""
+        parameter replaced by a new tensor, and always for a twin loaded from an export. (Checked
+        per call, so it reads the recorded parameter slots directly: walking ``tower.parameters()``
+        cost ~0.1 ms.)"""
         return tower is self._tower and self._pointers() == self._ptrs
 
-    def __call__(self, batch: dict[str, Any]) -> np.ndarray:
-        get = {k: (v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)) for k, v in batch.items()}
+    # ------------------------------------------------------------------ the export
+    def state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """(layout, arrays): what ``from_state`` rebuilds this forward from."""
+        arrays: dict[str, np.ndarray] = {}
+        if self.user is not None:
+            arrays["user"] = self.user
+        if self.hist is not None:
+            arrays["hist"] = self.hist
+        for i, (_key, _kind, table, _mean) in enumerate(self.side):
+            if table is not None:
+                arrays[f"side.{i}"] = table
+        for i, (_op, w, b) in enumerate(self.layers):
+            if w is not None and b is not None:
+                arrays[f"layer.{i}.w"], arrays[f"layer.{i}.b"] = w, b
+        layout = {"side": [[key, kind, mean] for key, kind, _t, mean in self.side],
+                  "layers": [op for op, _w, _b in self.layers]}
+        return layout, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+
+    @classmethod
+    def from_state(cls, layout: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> UserTowerNumpy:
+        side = [(str(key), str(kind), arrays.get(f"side.{i}"), bool(mean))
+                for i, (key, kind, mean) in enumerate(layout["side"])]
+        for key, kind, table, _mean in side:
+            if kind != "numeric" and table is None:
+                raise ValueError(f"no table for user feature {key!r}")
+        layers: list[tuple[str, np.ndarray | None, np.ndarray | None]] = []
+        for i, op in enumerate(layout["layers"]):
+            if op == "linear":
+                layers.append(("linear", arrays[f"layer.{i}.w"], arrays[f"layer.{i}.b"]))
+            elif op == "relu":
+                layers.append(("relu", None, None))
+            else:
+                raise ValueError(f"unknown layer {op!r}")
+        return cls(user=arrays.get("user"), hist=arrays.get("hist"), side=side, layers=layers)
+
+    @property
+    def out_dim(self) -> int:
+        last = [w for op, w, _b in self.layers if op == "linear"]
+        if not last or last[-1] is None:
+            raise ValueError("the tower has no linear layer")
+        return int(last[-1].shape[0])
+
+    # ------------------------------------------------------------------ forward
+    def __call__(self, batch: Mapping[str, Any]) -> np.ndarray:
+        get = {k: _array(v) for k, v in batch.items()}
         parts: list[np.ndarray] = []
         if self.user is not None:
             parts.append(self.user[get["user_row"]])  # (B, E)
@@ -99,11 +174,69 @@ class UserTowerNumpy:
             else:
                 assert table is not None
                 parts.append(table[x])  # (B, F)
-        h: np.ndarray = np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
-        with torch.inference_mode():
-            t = torch.from_numpy(np.ascontiguousarray(h, dtype=np.float32))
-            for op, w, b in self.layers:
-                t = F.linear(t, w, b) if op == "linear" else torch.relu_(t)
-            y = t.numpy()
+        y: np.ndarray = np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+        y = y.astype(np.float32, copy=False)
+        for op, w, b in self.layers:
+            if op == "linear":
+                assert w is not None and b is not None
+                y = y @ w.T + b  # (B, in) @ (in, out)
+            else:
+                np.maximum(y, 0.0, out=y)
         norm = np.sqrt(np.einsum("ij,ij->i", y, y))[:, None]
         return (y / np.maximum(norm, _EPS)).astype(np.float32, copy=False)  # (B, D)
+
+
+class UserEmbedder:
+    """What serving needs of a trained model: the feature encoder and the user tower's forward.
+
+    ``embed_users`` is ``TwoTowerModel.embed_users`` without torch; ``save``/``load`` are the
+    bundle's ``user_tower.npz``: the tower's arrays plus a JSON header (format, dimension, layout,
+    encoder), read with ``allow_pickle=False`` so opening it cannot run code."""
+
+    def __init__(self, encoder: FeatureEncoder, tower: UserTowerNumpy, dim: int) -> None:
+        self.encoder, self.tower, self.dim = encoder, tower, int(dim)
+
+    def embed_users(self, user_ids: Sequence[Any], features: Any, histories: Sequence[Sequence[Any]] | None,
+                    batch_size: int = 8192) -> np.ndarray:
+        """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
+        n = len(user_ids)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s in range(0, n, batch_size):
+            e = min(n, s + batch_size)
+            feats: Any = None
+            if hasattr(features, "iloc"):  # a DataFrame aligned with the ids
+                feats = features.iloc[s:e]
+            elif features is not None:
+                feats = features[s:e]
+            batch = self.encoder.encode_users_arrays(user_ids[s:e], feats,
+                                                     histories[s:e] if histories is not None else None)
+            out[s:e] = self.tower(batch)
+        return out
+
+    def save(self, path: str | Path) -> None:
+        layout, arrays = self.tower.state()
+        header = {"format": EXPORT_FORMAT, "dim": self.dim, "layout": layout, "encoder": self.encoder.to_dict()}
+        meta = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        with open(path, "wb") as f:
+            np.savez(f, __meta__=meta, **arrays)  # type: ignore[arg-type]
+
+    @classmethod
+    def load(cls, path: str | Path) -> UserEmbedder:
+        """ValueError naming the file for anything that is not a complete export."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(bytes(z["__meta__"]).decode("utf-8"))
+                arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        except Exception as exc:  # not a zip, truncated, pickled arrays, no header...
+            raise ValueError(f"{path}: not a loadable user tower export ({exc.__class__.__name__}: {exc})") from exc
+        if not isinstance(header, dict) or header.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{path}: not a {EXPORT_FORMAT} file")
+        try:
+            tower = UserTowerNumpy.from_state(header["layout"], arrays)
+            model = cls(FeatureEncoder.from_dict(header["encoder"]), tower, int(header["dim"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: user tower export is inconsistent ({exc})") from exc
+        if tower.out_dim != model.dim:
+            raise ValueError(f"{path}: the tower outputs dim {tower.out_dim}, its header says {model.dim}")
+        return model

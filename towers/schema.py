@@ -17,10 +17,12 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas is imported where a table is read: serving never needs it
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,7 @@ def coerce_item_ids(values: pd.Series, as_int: bool) -> pd.Series:
 
 def infer_feature_columns(df: pd.DataFrame, *, path: str | Path | None = None) -> tuple[pd.DataFrame, list[FeatureSpec]]:
     """Type every column of a side table: numbers numeric, ``|``-joined strings multi, strings categorical."""
+    import pandas as pd
     specs: list[FeatureSpec] = []
     out = pd.DataFrame(index=df.index)
     for col in df.columns:
@@ -144,6 +147,7 @@ def conform_table(df: pd.DataFrame, specs: list[FeatureSpec], *, path: str | Pat
 
     A missing column is an error: silently zero-filling a feature would change every vector.
     """
+    import pandas as pd
     out = pd.DataFrame(index=df.index)
     for spec in specs:
         if spec.name not in df.columns:
@@ -182,6 +186,7 @@ def read_table_with_lines(path: str | Path, *, text_columns: Iterable[str] = ())
     Returns ``(df, where)``: for a CSV ``where[i]`` is the 1-based file line of row ``i`` (the header is
     line 1, blank lines are counted); for Parquet it is the 1-based row number.
     """
+    import pandas as pd
     keep_text = set(text_columns)
     path = Path(path)
     if not path.exists():

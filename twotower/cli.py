@@ -13,6 +13,8 @@ import sys
 
 # (module, subcommands it registers)
 _STAGES = ["training.cli", "index.cli", "service.cli", "twotower.demo"]
+# packages of the `jobs` extra (pyproject.toml): absent where only serving is installed (the api image)
+_JOBS_ONLY = {"torch", "pandas", "pyarrow", "tqdm", "matplotlib"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +42,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         rc = args.handler(args)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in _JOBS_ONLY:
+            raise
+        print(f"twotower {args.command}: error: needs {exc.name}, which is not installed here. The jobs need "
+              "the `jobs` extra (pip install 'twotower[jobs]', CPU torch first: scripts/install-torch.sh); the "
+              "api image carries only what serving needs: run the jobs from the jobs image", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

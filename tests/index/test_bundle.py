@@ -17,6 +17,7 @@ from index.searcher import ExactSearcher, FaissSearcher, IdMap
 from tests.factories import flip_byte, truncate
 from tests.index.index_factories import Catalogue, tiny_catalogue, tiny_model, write_model_artifacts
 from towers.checkpoint import TwoTowerModel
+from towers.inference import UserEmbedder
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,11 @@ def test_a_published_bundle_loads_with_everything_the_service_needs(tmp_path, tr
     assert d == tmp_path / "bundles" / V1
     b = B.load_bundle(d)
     assert b.index_version == V1 and b.manifest.n_items == 200 and b.manifest.dim == 16
-    assert b.model.user_tower is not None and b.model.item_tower is None  # serving loads only the user side
+    # serving loads only the user side, as NumPy arrays (user_tower.npz), and embeds as the model does
+    assert isinstance(b.model, UserEmbedder)
+    hist = [list(cat.items.index[:3]), []]
+    np.testing.assert_allclose(b.model.embed_users(["1", "newcomer"], None, hist),
+                               model.embed_users(["1", "newcomer"], None, hist), atol=1e-6)
     assert b.item_vectors.shape == (200, 16)
     # search results are the exact neighbours, translated back to catalogue ids
     q = b.model.embed_users(["1"], [b.user_features["1"]], [b.histories["1"]])

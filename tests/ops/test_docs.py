@@ -55,7 +55,7 @@ def test_make_targets_do_what_the_readme_says(tmp_path: Any) -> None:
         assert pos["-m venv"] < pos["scripts/install-torch.sh"] < max(
             i for i, line in enumerate(lines) if "pip install" in line and "-e" in line) < pos[last]
         if target == "test":
-            assert any("-e '.[dev]'" in line for line in lines)
+            assert any("-e '.[jobs,dev]'" in line for line in lines)
             assert "pytest" in lines[pos[last]]
 
 

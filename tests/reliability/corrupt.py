@@ -2,8 +2,8 @@
 
 Some breakages leave the manifest as it was (the checksum or size check catches them); the nastier
 ones re-sign the manifest so every recorded checksum matches the broken files, and only the
-deeper checks (the FAISS reader, the dimension checks, the safe checkpoint loader) stand between
-the broken bundle and the service.
+deeper checks (the FAISS reader, the dimension checks, the pickle-free loaders of the checkpoint and
+of the user tower export) stand between the broken bundle and the service.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def flipped_byte(d: Path) -> None:
 
 
 def missing_file(d: Path) -> None:
-    (d / "user_items.parquet").unlink()
+    (d / "user_items.json").unlink()
 
 
 def wrong_dimension(d: Path) -> None:
@@ -110,8 +110,16 @@ def garbage_manifest(d: Path) -> None:
     (d / MANIFEST).write_text('{"format": "twotower-bundle/1", "index_version": ')
 
 
-def pickled_model(d: Path, marker: Path) -> None:
-    pickled_checkpoint(d / "model.pt", marker)
+def pickled_user_tower(d: Path, marker: Path) -> None:
+    """The export the service embeds users with, one of its arrays replaced by a pickled object that
+    runs code when a careless reader (np.load with allow_pickle=True) opens it."""
+    path = d / "user_tower.npz"
+    with np.load(path) as z:
+        arrays = {k: z[k] for k in z.files}
+    victim = next(k for k in arrays if k != "__meta__")
+    arrays[victim] = np.array([Pickled(str(marker))], dtype=object)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
     resign(d)
 
 
@@ -127,12 +135,13 @@ def breakages(marker: Path) -> list[Breakage]:
         Breakage("truncated-index", truncated_index, ("index.faiss", "truncated")),
         Breakage("truncated-index-resigned", truncated_index_resigned, ("index.faiss", "cannot read FAISS index")),
         Breakage("checksum-mismatch", flipped_byte, ("item_vectors.npy", "sha256")),
-        Breakage("missing-file", missing_file, ("user_items.parquet", "missing")),
+        Breakage("missing-file", missing_file, ("user_items.json", "missing")),
         Breakage("wrong-dimension", wrong_dimension, ("model outputs dim 16", "index dim is 8")),
         Breakage("index-dimension-mismatch", index_dimension_mismatch, ("index.faiss", "dim 8")),
         Breakage("nan-vectors", nan_vectors, ("NaN",)),
         Breakage("garbage-manifest", garbage_manifest, ("manifest", "not valid JSON")),
-        Breakage("pickled-code-checkpoint", lambda d: pickled_model(d, marker), ("model.pt", "not a loadable")),
+        Breakage("pickled-code-user-tower", lambda d: pickled_user_tower(d, marker),
+                 ("user_tower.npz", "not a loadable")),
     ]
 
 

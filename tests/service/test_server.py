@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pandas as pd
 import pytest
 
 from tests.reliability.harness import process_tree
@@ -56,9 +55,10 @@ class Server:
         return out
 
 
-def start_server(artifacts: Path, port: int, redis_url: str, prefix: str, log: Path, **env: str) -> Server:
+def start_server(artifacts: Path, port: int, redis_url: str, prefix: str, log: Path,
+                 launcher: tuple[str, ...] = (sys.executable, "-m", "twotower.cli"), **env: str) -> Server:
     e = dict(os.environ, TT_REDIS_PREFIX=prefix, TT_RELOAD_POLL_S="0.2", TT_LOG_LEVEL="INFO", **env)
-    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    proc = subprocess.Popen([*launcher, "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--artifacts", str(artifacts), "--redis-url", redis_url],
                             env=e, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
     srv = Server(proc, port, log)
@@ -96,8 +96,36 @@ def server(trained, free_port, redis_url, redis_prefix, tmp_path) -> Iterator[Se
 
 def _a_known_user(artifacts: Path) -> str:
     bundle = (artifacts / "bundles" / (artifacts / "bundles" / "CURRENT").read_text().strip())
-    ui = pd.read_parquet(bundle / "user_items.parquet")
-    return str(ui["user_id"].iloc[0])
+    return next(iter(json.loads((bundle / "user_items.json").read_text())))
+
+
+def test_the_service_runs_without_torch_pandas_or_pyarrow(trained, free_port, redis_url, redis_prefix, tmp_path):
+    """What the api image carries is enough: a server that cannot import torch, pandas or pyarrow loads
+    the bundle (its user_tower.npz, JSON user tables) and gives byte for byte the answers of a server
+    with everything installed, and no torch library is mapped into it."""
+    from tests.conftest import _free_port
+
+    bare = start_server(trained, free_port, redis_url, f"{redis_prefix}-bare", tmp_path / "bare.log",
+                        launcher=(sys.executable, str(Path(__file__).parent / "without_jobs_deps.py"), "twotower.cli"),
+                        TT_CACHE_TTL_S="0")
+    full = start_server(trained, _free_port(), redis_url, f"{redis_prefix}-full", tmp_path / "full.log",
+                        TT_CACHE_TTL_S="0")
+    try:
+        maps = "\n".join(Path(f"/proc/{pid}/maps").read_text() for pid in process_tree(bare.proc.pid)
+                         if Path(f"/proc/{pid}/maps").exists())
+        assert "libtorch" not in maps and "pyarrow" not in maps
+        user = _a_known_user(trained)
+        bodies = [{"user_id": user, "k": 10}, {"history": [1, 2, 3], "k": 5}, {"features": {"age": 30}, "k": 5},
+                  {"user_id": "nobody", "k": 3}]
+        for body in bodies:
+            a, b = httpx.post(f"{bare.url}/v1/recall", json=body), httpx.post(f"{full.url}/v1/recall", json=body)
+            assert (a.status_code, a.content) == (b.status_code, b.content) == (200, b.content), body
+        a, b = httpx.get(f"{bare.url}/v1/items/1/similar?k=5"), httpx.get(f"{full.url}/v1/items/1/similar?k=5")
+        assert a.status_code == 200 and a.content == b.content
+    finally:
+        for srv in (bare, full):
+            srv.proc.terminate()
+            srv.proc.wait(timeout=20)
 
 
 def test_train_reindex_serve_event_reindex_end_to_end(trained, server, redis_url, redis_prefix):

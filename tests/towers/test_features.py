@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -140,9 +142,9 @@ def _per_record(enc: FeatureEncoder, side: str, specs: list[FeatureSpec], table)
     """The table encoded the per-request way: one record per row (row 0: every feature missing)."""
     from towers.features import _records
 
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Any] = {}  # _encode_side fills NumPy arrays
     enc._encode_side(side, specs, [None, *_records(table, specs)], out)
-    return out
+    return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
 @pytest.mark.parametrize("buckets", [0, 7])
