@@ -6,6 +6,7 @@ without a healthcheck."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -63,20 +64,63 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert "profiles" not in services["api"] and "profiles" not in services["redis"]
 
 
-def test_api_waits_for_a_healthy_redis_and_serves_on_8000(compose: dict[str, Any]) -> None:
+def test_replicas_wait_for_a_healthy_redis_and_are_served_on_8000_through_the_balancer(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["redis"]["healthcheck"]["test"], "redis needs a healthcheck for depends_on to wait on"
-    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert any(str(p).split(":")[-1] == "8000" for p in services["api"]["ports"])
-    assert services["api"]["healthcheck"]["test"]
-    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+    api, lb = services["api"], services["lb"]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "ports" not in api, "replicas publish no host port: every request goes through the balancer"
+    assert str(api["deploy"]["replicas"]).startswith("${TT_API_REPLICAS:-") and "8000" in api["expose"]
+    assert any(str(p).split(":")[-1] == "8000" for p in lb["ports"])
+    assert api["healthcheck"]["test"] and "/healthz" in " ".join(api["healthcheck"]["test"])
+    # the balancer's config is the one in the repository, and it balances and checks as documented
+    assert "./docker/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    cfg = (REPO_ROOT / "docker" / "haproxy.cfg").read_text()
+    assert re.search(r"^\s+balance leastconn$", cfg, re.M) and re.search(r"option httpchk GET /readyz", cfg)
+    assert re.search(r"^\s+server-template api \d+ api:8000$", cfg, re.M), "replicas found by the service name"
+    assert "http-request disable-l7-retry if { path /v1/events }" in cfg, "an event must never be recorded twice"
+
+
+def test_redis_memory_is_bounded_and_evicts_cached_answers_before_histories(compose: dict[str, Any]) -> None:
+    cmd = compose["services"]["redis"]["command"]
+    assert "--maxmemory" in cmd and cmd[cmd.index("--maxmemory-policy") + 1] == "volatile-ttl"
+
+
+def test_monitoring_profile_scrapes_every_replica_and_the_dashboard_reads_real_metrics(compose: dict[str, Any]) -> None:
+    from service.metrics import Metrics
+
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"], f"{name} must stay optional"
+    prom = yaml.safe_load((REPO_ROOT / "docker" / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    sd = jobs["twotower-api"]["dns_sd_configs"][0]
+    assert sd["names"] == ["api"] and sd["port"] == 8000 and jobs["twotower-api"]["metrics_path"] == "/metrics"
+    assert jobs["haproxy"]["static_configs"][0]["targets"] == ["lb:8404"]
+    # every tt_* series a dashboard query reads is one the service exports
+    exported: set[str] = set()
+    for fam in Metrics.create().registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(fam.type, [""])
+        exported |= {fam.name + s for s in suffixes}
+    dash = json.loads((REPO_ROOT / "docker" / "grafana" / "dashboards" / "twotower.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\btt_[a-z_]+", e)}
+    assert used and used <= exported, f"the dashboard reads series the service does not export: {used - exported}"
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("recall", "latency", "cache", "bundle"):
+        assert topic in titles, f"no dashboard panel about {topic}"
+    assert any("by (instance" in e for e in exprs), "nothing is shown per replica"
+    provider = yaml.safe_load((REPO_ROOT / "docker" / "grafana" / "provisioning" / "dashboards" / "twotower.yml").read_text())
+    mounts = services["grafana"]["volumes"]
+    assert f"./docker/grafana/dashboards:{provider['providers'][0]['options']['path']}:ro" in mounts
 
 
 def test_jobs_and_api_share_the_artifacts_volume(compose: dict[str, Any]) -> None:
     assert "artifacts" in compose["volumes"]
-    for name in ("api", "train", "reindex"):
+    for name, mount in (("api", "artifacts:/artifacts:ro"), ("train", "artifacts:/artifacts"),
+                        ("reindex", "artifacts:/artifacts")):
         mounts = [str(v) for v in compose["services"][name]["volumes"]]
-        assert "artifacts:/artifacts" in mounts, f"{name} does not mount the artifacts volume"
+        assert mount in mounts, f"{name} does not mount the artifacts volume as {mount}"
         env = compose_env(compose["services"][name])
         assert env.get("TT_ARTIFACTS") == "/artifacts"
 
@@ -138,10 +182,10 @@ def test_dockerfile_commands_env_and_copies_are_real(name: str) -> None:
 
 
 def _sent_to_docker(dockerfile: Path, src: str) -> bool:
-    """Whether the Dockerfile's own .dockerignore (last matching rule wins) lets `src` into the context."""
-    ignore = dockerfile.with_name(dockerfile.name + ".dockerignore")
-    if not ignore.exists():
-        return True
+    """Whether the root .dockerignore (last matching rule wins) lets `src` into the build context."""
+    ignore = REPO_ROOT / ".dockerignore"
+    if src.strip("./") == "":
+        return True  # `COPY . dest`: whatever the ignore file lets in
     included = True
     for raw in ignore.read_text().splitlines():
         rule = raw.strip()
@@ -152,6 +196,28 @@ def _sent_to_docker(dockerfile: Path, src: str) -> bool:
         if fnmatch.fnmatch(src.rstrip("/"), pattern):
             included = negate
     return included
+
+
+def test_one_root_dockerignore_keeps_git_venv_and_data_out_of_every_build() -> None:
+    """The classic builder and compose v1 read only the root .dockerignore: without it they send .git,
+    .venv (GBs) and ./data to the daemon. The images need the packages and pyproject.toml only."""
+    assert (REPO_ROOT / ".dockerignore").is_file()
+    assert not list((REPO_ROOT / "docker").glob("*.dockerignore")), "one ignore file for every build, at the root"
+    for junk in (".git", ".venv", "data", "artifacts", "tests", "benchmarks", ".bench"):
+        assert not _sent_to_docker(REPO_ROOT / "docker" / "Dockerfile", junk), f"{junk} would be sent to the daemon"
+    for needed in ("pyproject.toml", "README.md", "towers", "training", "index", "service", "twotower"):
+        assert _sent_to_docker(REPO_ROOT / "docker" / "Dockerfile", needed), f"{needed} is not sent"
+
+
+@pytest.mark.parametrize("name", DOCKERFILES)
+def test_dockerfiles_need_no_registry_pull_beyond_their_base_images(name: str) -> None:
+    """A `# syntax=` line makes BuildKit pull a frontend image from Docker Hub before anything else."""
+    first = (REPO_ROOT / "docker" / name).read_text().splitlines()[0]
+    assert not first.lower().replace(" ", "").startswith("#syntax="), f"{name}: {first}"
+
+
+def _arg_defaults(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", path.read_text(), re.MULTILINE))
 
 
 @pytest.mark.parametrize("name,target", [("Dockerfile", "api"), ("Dockerfile", None), ("Dockerfile.gpu", None)])
@@ -167,13 +233,33 @@ def test_api_images_have_a_healthcheck_and_run_as_non_root(name: str, target: st
 
 
 def test_cpu_image_is_slim_and_never_installs_cuda_torch() -> None:
-    stages = parse_dockerfile(REPO_ROOT / "docker" / "Dockerfile")
+    path = REPO_ROOT / "docker" / "Dockerfile"
+    stages = parse_dockerfile(path)
     names = {s.name for s in stages}
-    external = [s.base for s in stages if s.base not in names]
-    assert external and all(b.startswith("python:") and b.endswith("-slim") for b in external), external
+    defaults = _arg_defaults(path)
+    external = [re.sub(r"\$\{(\w+)\}", lambda m: defaults.get(m.group(1), m.group(0)), s.base)
+                for s in stages if s.base not in names]
+    assert external and all(b.startswith("python:3.11-slim") for b in external), external
     runs = " ".join(i.args for s in stages for i in s.all("RUN"))
     assert "+cpu" in runs and "whl/cpu" in " ".join(i.args for s in stages for i in s.all("ARG"))
     assert {"api", "jobs"} <= {s.name for s in stages}
+
+
+def test_api_image_gets_a_virtualenv_without_torch_or_the_jobs_extra() -> None:
+    """The api image's virtualenv is built from the project alone (what serving needs: ~350 MB, where
+    torch alone was 750 MB); torch, pandas and pyarrow come with the `jobs` extra, in the jobs image."""
+    stages = {s.name: s for s in parse_dockerfile(REPO_ROOT / "docker" / "Dockerfile")}
+    copies = [i.args for i in stages["api"].all("COPY")]
+    assert len(copies) == 1 and copies[0].startswith("--from=build-api ") and "/opt/venv" in copies[0], copies
+    build = stages["build-api"]
+    runs = " ".join(i.args for i in build.all("RUN"))
+    assert "pip install /src" in runs and "torch" not in runs and "[jobs]" not in runs
+    assert build.base == "base", "the serving virtualenv must not start from a stage with torch"
+    import tomllib
+
+    deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    heavy = [d for d in deps if re.match(r"(torch|pandas|pyarrow|matplotlib)\b", d)]
+    assert not heavy, f"serving dependencies include {heavy}: they belong in the `jobs` extra"
 
 
 def test_gpu_image_has_cuda12_faiss_gpu_and_cuda_torch() -> None:
@@ -185,3 +271,8 @@ def test_gpu_image_has_cuda12_faiss_gpu_and_cuda_torch() -> None:
     assert stages[0].base == "${CUDA_IMAGE}"
     assert "faiss-gpu" in args and "pip uninstall -y faiss-cpu" in text
     assert "+cpu" not in text and "whl/cu12" in args
+    # the CUDA 12 build pinned (+cu12x), so an unreachable index fails the build instead of PyPI's
+    # default torch (another CUDA major) being installed beside faiss-gpu-cu12; and checked after
+    assert re.search(r'"torch==\$\{TORCH_VERSION\}\+\$\{TORCH_CUDA\}"', text)
+    assert re.search(r"^ARG TORCH_CUDA=cu12\d$", text, re.MULTILINE)
+    assert "torch.version.cuda" in text and "'12.'" in text
