@@ -69,7 +69,9 @@ class HandoffServer(uvicorn.Server):
                 _tell(chan, _CLOSED)
 
         def protocol() -> asyncio.Protocol:
-            return Counted(config=config, server_state=state, app_state=app_state, _loop=loop)  # type: ignore[no-any-return]
+            # called by connect_accepted_socket inside the running loop, which the protocol picks up
+            # itself (no private constructor arguments)
+            return Counted(config=config, server_state=state, app_state=app_state)  # type: ignore[no-any-return]
 
         chan.setblocking(False)
         loop.add_reader(chan.fileno(), self._adopt, loop, protocol)
@@ -199,6 +201,11 @@ class Supervisor:
 
     def _accept(self) -> None:
         for _ in range(64):
+            # what the workers said since the last turn first (closed connections, an exit): the
+            # choice below then goes by their current counts, whatever order select() reported in
+            for w in list(self.workers.values()):
+                if w.ready:
+                    self._hear(w)
             if not any(w.ready for w in self.workers.values()):
                 # every worker is gone or (re)starting: leave connections queued in the backlog, to
                 # be handed over once one is ready, rather than accept and drop them
@@ -219,26 +226,31 @@ class Supervisor:
                 # none took it (each was exiting or full): closing it tells the client at once
 
     def _hear(self, w: _Worker) -> None:
-        try:
-            data = w.chan.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.sel.unregister(w.chan)  # its process is exiting; _reap restarts it
-            w.ready = False
-            return
-        for b in data:
-            if b == _READY[0]:
-                w.ready = w.started = True
-                ready = sum(x.ready for x in self.workers.values())
-                log.info("worker %d ready (pid %d); %d of %d ready", w.slot, w.proc.pid, ready, self.n)
-                if not self._accepting:
-                    self.sel.register(self.listener, selectors.EVENT_READ)
-                    self._accepting = True
-            elif b == _CLOSED[0]:
-                w.open = max(0, w.open - 1)
+        """Every message waiting from ``w`` (one byte per SOCK_SEQPACKET message)."""
+        while True:
+            try:
+                data = w.chan.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    self.sel.unregister(w.chan)  # its process is exiting; _reap restarts it
+                except (KeyError, ValueError):
+                    pass
+                w.ready = False
+                return
+            for b in data:
+                if b == _READY[0]:
+                    w.ready = w.started = True
+                    ready = sum(x.ready for x in self.workers.values())
+                    log.info("worker %d ready (pid %d); %d of %d ready", w.slot, w.proc.pid, ready, self.n)
+                    if not self._accepting:
+                        self.sel.register(self.listener, selectors.EVENT_READ)
+                        self._accepting = True
+                elif b == _CLOSED[0]:
+                    w.open = max(0, w.open - 1)
 
     def _reap(self) -> None:
         for slot, w in list(self.workers.items()):

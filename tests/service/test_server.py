@@ -258,6 +258,36 @@ def _established_on(port: int, pid: int) -> int:
     return len(server_sockets(pid, port))
 
 
+def _held_on(port: int, pid: int) -> int:
+    """TCP connections to local ``port`` (in any state) whose socket ``pid`` still has open. A worker
+    closes its end after telling the supervisor the connection is done."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return sum(1 for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+               if (f := line.split()) and int(f[1].split(":")[1], 16) == port and f[9] in inodes and f[3] != "0A")
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie or reaped): its descriptors are closed."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def _until(check, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
 def _wait_log(srv: Server, text: str, count: int = 1, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while sum(text in r.get("msg", "") for r in srv.log_lines()) < count:
@@ -291,7 +321,7 @@ def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_i
         for c in conns[:6]:
             c.close()
         conns = conns[6:]
-        time.sleep(0.3)
+        _until(lambda: sum(_held_on(free_port, pid) for pid in workers) == 2, "the workers closing 6 connections")
         for _ in range(4):
             c = http.client.HTTPConnection("127.0.0.1", free_port, timeout=10)
             c.request("GET", "/healthz")
@@ -319,6 +349,7 @@ def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_i
 
         # a worker killed outright: the other keeps answering, and a new one takes its place
         os.kill(workers[0], signal.SIGKILL)
+        _until(lambda: _gone(workers[0]), "the killed worker exiting")
         for _ in range(10):
             assert httpx.post(f"{srv.url}/v1/recall", json={"k": 3}, timeout=10).status_code == 200
         _wait_log(srv, "starting another")
@@ -329,7 +360,7 @@ def test_workers_share_connections_evenly_all_take_a_new_bundle_and_a_dead_one_i
         # both at once: a request sent while no worker is up waits in the backlog for the next one
         for pid in fresh:
             os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
+        _until(lambda: all(_gone(pid) for pid in fresh), "both workers exiting")
         assert httpx.post(f"{srv.url}/v1/recall", json={"k": 3}, timeout=60).status_code == 200
         _wait_log(srv, "2 of 2 ready", count=3)
         fresh = _children(srv.proc.pid)
