@@ -18,7 +18,7 @@ DEV_STAMP := $(VENV)/.stamp-dev
 PYTEST_ARGS ?=
 PIP_FLAGS ?= $(if $(CI),--progress-bar off,)
 
-.PHONY: help venv dev demo test lint bench soak clean distclean docker-build up down
+.PHONY: help venv dev demo test lint bench soak clean distclean docker-build up down stack-test
 
 help:
 	@echo "make demo       train (synthetic), reindex, serve, send a sample recall, stop"
@@ -29,6 +29,7 @@ help:
 	@echo "make venv       only create $(VENV) with CPU torch and the project"
 	@echo "make clean      remove caches and ./artifacts;  make distclean also removes $(VENV)"
 	@echo "make up / down  docker compose up / down (needs a Docker engine)"
+	@echo "make stack-test build the images, run the compose stack, swap a bundle and kill a replica under load"
 
 # --- environment -------------------------------------------------------------------------------
 
@@ -72,7 +73,7 @@ lint: $(DEV_STAMP)
 # The benchmark scripts in order (each writes benchmarks/results/<name>.md), then assemble.py puts
 # them together into BENCHMARKS.md. MovieLens benchmarks read ../shared/data beside the checkout.
 # `make bench BENCHMARKS="index"` runs only some; `make soak` runs the reliability soak.
-BENCHMARKS ?= quality index serve scale
+BENCHMARKS ?= quality index serve replicas scale
 bench: $(RUN_STAMP)
 	@set -e; export PATH="$(BIN):$$PATH"; \
 	for name in $(BENCHMARKS); do \
@@ -95,7 +96,14 @@ docker-build:
 	docker compose build
 
 up:
-	docker compose up -d redis api
+	docker compose up -d redis api lb
 
 down:
 	docker compose down
+
+# The compose stack for real (needs a Docker engine and Compose v2; see scripts/stack_test.py):
+# builds the images, trains, reindexes, recalls through the balancer, publishes a second bundle and
+# kills a replica under load, tears down. STACK_ARGS="--keep-images --monitoring" to keep images.
+STACK_ARGS ?=
+stack-test: $(RUN_STAMP)
+	PATH="$(BIN):$$PATH" $(PY) scripts/stack_test.py $(STACK_ARGS)

@@ -15,6 +15,8 @@ SECTIONS = [
     ("quality.md", "python benchmarks/quality.py"),
     ("index.md", "python benchmarks/index.py --n 1000000 --dim 64"),
     ("serve.md", "python benchmarks/serve.py"),
+    ("replicas.md", "python benchmarks/replicas.py"),
+    ("redis_client.md", "python benchmarks/redis_client.py (at commit 8b43a64, before service/resp.py was removed)"),
     ("scale.md", "flock /work/coord/cpu.lock python benchmarks/scale.py"),
     ("gpu.md", "python benchmarks/gpu.py (on a machine with a CUDA GPU; the reference machine has none)"),
 ]
@@ -26,7 +28,7 @@ Every figure here comes from a run of the scripts in `benchmarks/` on the projec
 made side by side in one run and reported as ratios; absolute times on a shared 2-core machine move
 with whatever else runs, so each section also records the load at the time.
 
-Regenerate: run the three scripts, then `python benchmarks/assemble.py`.
+Regenerate: run the scripts, then `python benchmarks/assemble.py`.
 """
 
 

@@ -495,8 +495,8 @@ def write_report(out: Path, results: list[Result], meta: dict[str, Any]) -> None
               "is why it can beat the bare FastAPI endpoint; malformed requests still get FastAPI's own errors.",
               "",
               "What an uncached recall costs, on one event loop: HTTP parsing and validation; one Redis round "
-              "trip for the cache lookup, shared by every request of the same loop turn, over a pipelining RESP "
-              "client; the user tower (NumPy lookups and pooling, torch linear layers) and one FAISS search per "
+              "trip for the cache lookup, shared by every request of the same loop turn, pipelined through "
+              "redis-py; the user tower (NumPy only: lookups, pooling, matrix products) and one FAISS search per "
               "micro-batch; filtering and rendering the answer; the cache write, queued behind the response. "
               "Micro-batches leave as soon as no announced request is on its way (no fixed wait) and are "
               "computed on the event loop itself (`TT_COMPUTE_THREADS=0`), which cost less CPU per request than "
