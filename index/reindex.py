@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from pydantic import Field
 
 from index.bundle import (
@@ -53,6 +52,8 @@ from towers.schema import DataError, conform_table, normalize_user_id, read_tabl
 from towers.validation import JobConfig, PositiveInt, UnitInterval
 
 if TYPE_CHECKING:
+    import pandas as pd  # imported where the job reads tables: `twotower --help` and serve need no pandas
+
     from towers.checkpoint import TwoTowerModel
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class RecallReport:
 
 
 def _read_parquet(path: Path, what: str) -> pd.DataFrame:
+    import pandas as pd
     if not path.is_file():
         raise DataError(f"{what} not found (the training job writes it next to model.pt)", path=path)
     try:
@@ -110,6 +112,7 @@ def load_catalogue(model: TwoTowerModel, base: pd.DataFrame, base_path: Path,
 
     Returns (catalogue indexed by item id, number of rows that came from ``extra_path``).
     """
+    import pandas as pd
     enc = model.encoder
     specs = enc.item_features
     missing = [s.name for s in specs if s.name not in base.columns]
