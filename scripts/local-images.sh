@@ -66,8 +66,9 @@ make_images() {
     fi
     local apt='RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends'
     local tidy='&& apt-get clean && rm -rf /var/lib/apt/lists/*'
+    # pip in a virtualenv trusts its own CA list, not the system's: point it at the host's bundle
     have "$PYTHON_IMAGE" || build "$PYTHON_IMAGE" "$apt python3 python3-venv python-is-python3 $tidy
-ENV LANG=C.UTF-8
+ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
 CMD [\"python3\"]"
     have "$REDIS_IMAGE" || build "$REDIS_IMAGE" "$apt redis-server $tidy
 CMD [\"redis-server\", \"--protected-mode\", \"no\"]"
