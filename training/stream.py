@@ -389,7 +389,10 @@ def sample_recdata(name: str, splits: list[Split], users: pd.DataFrame, items: p
                    user_specs: list[FeatureSpec], item_specs: list[FeatureSpec]) -> tuple[RecData, Split]:
     """The evaluation sample as the evaluator takes it: a RecData of the sampled users over the FULL
     catalogue, and their split."""
-    cat = [pd.concat([getattr(s, part) for s in splits], ignore_index=True) for part in ("train", "valid", "test")]
+    empty = pd.DataFrame({"user_id": pd.Series([], dtype=object), "item_id": pd.Series([], dtype=items.index.dtype),
+                          "timestamp": pd.Series([], dtype=np.int64), "weight": pd.Series([], dtype=np.float64)})
+    cat = [pd.concat([empty] + [getattr(s, part) for s in splits], ignore_index=True)
+           for part in ("train", "valid", "test")]  # no sample at all on the ranks that do not evaluate
     split = Split(*cat)
     uids = pd.unique(pd.concat([cat[0]["user_id"], cat[1]["user_id"], cat[2]["user_id"]]))
     sample_users = users.loc[users.index.isin(uids)]

@@ -212,3 +212,25 @@ def test_resume_and_a_dead_rank_under_torchrun_end_where_an_uninterrupted_run_en
     resumed = _train(art, "--resume", mdir.name)
     assert resumed.returncode == 0, resumed.stderr.read().decode()[-2000:] if resumed.stderr else ""
     _assert_same_run(ref, mdir)
+
+
+@pytest.mark.slow
+def test_streamed_part_files_train_on_two_ranks_each_reading_its_own_shards(tmp_path: Path) -> None:
+    from training.synthetic import write_synthetic_parts
+
+    write_synthetic_parts(tmp_path / "parts", seed=1, n_users=400, n_items=150, n_clusters=4,
+                          interactions_per_user=10, chunk_users=150)
+    art = tmp_path / "art"
+    proc = subprocess.run([sys.executable, "-m", "twotower.cli", "--log-level", "WARNING", "train", "--nproc",
+                           str(WORLD), "--data", f"csv:{tmp_path / 'parts'}", "--shard-rows", "1000", "--dim", "16",
+                           "--hidden", "32", "--epochs", "2", "--batch-size", "64", "--num-negatives", "32",
+                           "--threads", "1", "--quiet", "--artifacts", str(art)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mdir = _version(art)
+    metrics = json.loads((mdir / "metrics.json").read_text())
+    dataset = json.loads((mdir / "config.json").read_text())["dataset"]
+    assert metrics["ranks"] == WORLD and len(metrics["peak_rss_mb_per_rank"]) == WORLD
+    assert dataset["shards"] % WORLD == 0 and dataset["shards"] >= 4  # ~4000 rows / 1000 per shard
+    assert metrics["test"]["masked"]["HR@50"] > 0 and metrics["test"]["n_users"] == dataset["eval_users"] > 0
+    assert not (mdir / "stream").exists()
