@@ -13,3 +13,6 @@ MODELS: tuple[str, ...] = get_args(ModelName)
 # pooling of a multi-valued feature (genres, tags) by its EmbeddingBag
 MultiPooling = Literal["mean", "sum"]
 MULTI_POOLINGS: tuple[str, ...] = get_args(MultiPooling)
+# how the user tower pools the user's history (towers.model's encoder modules)
+HistoryEncoder = Literal["mean", "recency", "attention", "transformer"]
+HISTORY_ENCODERS: tuple[str, ...] = get_args(HistoryEncoder)

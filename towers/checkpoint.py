@@ -35,6 +35,8 @@ class TwoTowerModel:
     item_tower: ItemTower | None
     meta: dict[str, Any] = field(default_factory=dict)
     _user_np: UserTowerNumpy | None = field(default=None, init=False, repr=False, compare=False)
+    # the user tower a NumPy twin was refused for (an attention encoder): not asked again per call
+    _no_twin: Any = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def create(cls, config: TowerConfig, encoder: FeatureEncoder, meta: dict[str, Any] | None = None) -> TwoTowerModel:
@@ -111,13 +113,13 @@ class TwoTowerModel:
         twin = self._user_np
         if twin is not None and twin.matches(self.user_tower):
             return twin
-        if _device_of(self.user_tower).type != "cpu":
+        if self._no_twin is self.user_tower or _device_of(self.user_tower).type != "cpu":
             self._user_np = None
             return None
         try:
             self._user_np = UserTowerNumpy.from_module(self.user_tower)
         except ValueError:
-            self._user_np = None
+            self._user_np, self._no_twin = None, self.user_tower
         return self._user_np
 
 

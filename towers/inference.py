@@ -48,6 +48,33 @@ def _bag(table: np.ndarray, idx: np.ndarray, mean: bool) -> np.ndarray:
     return np.einsum("bm,bmd->bd", w, table[idx])
 
 
+def _ages(idx: np.ndarray) -> np.ndarray:
+    """``towers.model.history_ages``: items after each one (0 = the most recent), 0 at padding."""
+    return np.maximum((idx != 0).sum(axis=1, keepdims=True) - 1 - np.arange(idx.shape[1])[None, :], 0)
+
+
+def _pool_history(kind: str, p: Mapping[str, np.ndarray], table: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """The history encoders of towers.model with a twin here -> (B, E). ``mean``: the padded mean;
+    ``recency``: weights exp(-rate * age); ``attention``: softmax of a learned score over item +
+    age embeddings. A row of padding alone pools to zeros in each."""
+    if kind == "mean":
+        return _bag(table, idx, mean=True)
+    valid = idx != 0
+    ages = _ages(idx)
+    if kind == "recency":
+        rate = float(np.exp(np.asarray(p["log_rate"]).reshape(-1)[0]))  # 0-d view, or 1-d once exported
+        w = np.exp(-rate * ages).astype(np.float32) * valid  # (B, L)
+        w /= np.maximum(w.sum(axis=1, keepdims=True), 1e-12)
+        return np.einsum("bl,ble->be", w, table[idx])
+    e = table[idx]  # (B, L, E)
+    age = p["age"][np.minimum(ages, len(p["age"]) - 1)]  # (B, L, E)
+    h = np.tanh((e + age) @ p["proj_w"].T + p["proj_b"])  # (B, L, E)
+    logits = np.where(valid, h @ p["score_w"][0], -1e9)  # (B, L)
+    a = np.exp(logits - logits.max(axis=1, keepdims=True)) * valid
+    a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-12)
+    return np.einsum("bl,ble->be", a.astype(np.float32), e)
+
+
 def _array(v: Any) -> np.ndarray:
     return v if isinstance(v, np.ndarray) else (v.numpy() if hasattr(v, "numpy") else np.asarray(v))
 
@@ -57,8 +84,11 @@ class UserTowerNumpy:
 
     def __init__(self, *, user: np.ndarray | None, hist: np.ndarray | None,
                  side: list[tuple[str, str, np.ndarray | None, bool]],
-                 layers: list[tuple[str, np.ndarray | None, np.ndarray | None]]) -> None:
+                 layers: list[tuple[str, np.ndarray | None, np.ndarray | None]],
+                 hist_encoder: str = "mean", hist_params: Mapping[str, np.ndarray] | None = None) -> None:
         self.user, self.hist = user, hist  # (U, E), (I, E) id and history tables
+        # how the history is pooled (towers.model's encoder) and that encoder's own weights
+        self.hist_encoder, self.hist_params = hist_encoder, dict(hist_params or {})
         self.side = side  # (batch key, kind, table or None, mean pooling) per user feature
         self.layers = layers  # ("linear", W (out, in), b) or ("relu", None, None), in order
         self._tower: Any = None
@@ -72,11 +102,26 @@ class UserTowerNumpy:
         this forward has no twin for."""
         from torch import nn
 
+        from towers.model import AttentionHistory, MeanHistory, RecencyHistory
+
         if next(tower.parameters()).device.type != "cpu":
             raise ValueError("the NumPy forward needs the tower on the CPU")
 
         def view(p: Any) -> np.ndarray:
             return p.detach().numpy()
+
+        enc = tower.hist_encoder
+        hist_params: dict[str, np.ndarray] = {}
+        if enc is None or isinstance(enc, MeanHistory):
+            hist_encoder = "mean"
+        elif isinstance(enc, RecencyHistory):
+            hist_encoder, hist_params = "recency", {"log_rate": view(enc.log_rate)}
+        elif isinstance(enc, AttentionHistory):
+            hist_encoder = "attention"
+            hist_params = {"age": view(enc.age.weight), "proj_w": view(enc.proj.weight),
+                           "proj_b": view(enc.proj.bias), "score_w": view(enc.score.weight)}
+        else:  # the self-attention encoder: the service reads model.pt (torch) for it
+            raise ValueError(f"no NumPy twin for history encoder {type(enc).__name__}")
 
         feats = tower.features
         mean = tower.cfg.multi_pooling == "mean"
@@ -97,7 +142,7 @@ class UserTowerNumpy:
                 raise ValueError(f"no NumPy twin for layer {type(m).__name__}")
         twin = cls(user=view(tower.user_emb.weight) if tower.user_emb is not None else None,
                    hist=view(tower.hist_emb.weight) if tower.hist_emb is not None else None,
-                   side=side, layers=layers)
+                   side=side, layers=layers, hist_encoder=hist_encoder, hist_params=hist_params)
         # where each weight lives: (module, parameter name) -> storage address at build time
         twin._tower = tower
         twin._slots = [(mod, name) for mod in tower.modules() for name in mod._parameters]
@@ -128,8 +173,10 @@ class UserTowerNumpy:
         for i, (_op, w, b) in enumerate(self.layers):
             if w is not None and b is not None:
                 arrays[f"layer.{i}.w"], arrays[f"layer.{i}.b"] = w, b
+        for name, a in self.hist_params.items():
+            arrays[f"history.{name}"] = a
         layout = {"side": [[key, kind, mean] for key, kind, _t, mean in self.side],
-                  "layers": [op for op, _w, _b in self.layers]}
+                  "layers": [op for op, _w, _b in self.layers], "history": self.hist_encoder}
         return layout, {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
 
     @classmethod
@@ -147,7 +194,15 @@ class UserTowerNumpy:
                 layers.append(("relu", None, None))
             else:
                 raise ValueError(f"unknown layer {op!r}")
-        return cls(user=arrays.get("user"), hist=arrays.get("hist"), side=side, layers=layers)
+        hist_encoder = str(layout.get("history", "mean"))  # exports from before the encoders: the mean
+        if hist_encoder not in ("mean", "recency", "attention"):
+            raise ValueError(f"unknown history encoder {hist_encoder!r}")
+        hist_params = {k.removeprefix("history."): v for k, v in arrays.items() if k.startswith("history.")}
+        need = {"mean": set(), "recency": {"log_rate"}, "attention": {"age", "proj_w", "proj_b", "score_w"}}
+        if need[hist_encoder] - set(hist_params):
+            raise ValueError(f"no {sorted(need[hist_encoder] - set(hist_params))} for the {hist_encoder} history")
+        return cls(user=arrays.get("user"), hist=arrays.get("hist"), side=side, layers=layers,
+                   hist_encoder=hist_encoder, hist_params=hist_params)
 
     @property
     def out_dim(self) -> int:
@@ -163,7 +218,7 @@ class UserTowerNumpy:
         if self.user is not None:
             parts.append(self.user[get["user_row"]])  # (B, E)
         if self.hist is not None:
-            parts.append(_bag(self.hist, get["hist"], mean=True))  # (B, E)
+            parts.append(_pool_history(self.hist_encoder, self.hist_params, self.hist, get["hist"]))  # (B, E)
         for key, kind, table, mean in self.side:
             x = get[key]
             if kind == "numeric":

@@ -13,6 +13,7 @@ changes the gradient's layout, never a forward result, so inference ignores it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from towers import MODELS, MULTI_POOLINGS
+from towers import HISTORY_ENCODERS, MODELS, MULTI_POOLINGS
 
 
 @dataclass
@@ -38,6 +39,11 @@ class TowerConfig:
     use_item_features: bool = True      # YoutubeDNN: content features added to the softmax weights
     item_id_embedding: bool = True      # DSSM: the item id as an input of the item MLP
     multi_pooling: str = "mean"         # "mean" | "sum" for multi-valued features (EmbeddingBag)
+    history_encoder: str = "mean"       # one of HISTORY_ENCODERS
+    history_len: int = 50               # longest history the encoder reads (its position tables)
+    recency_half_life: float = 8.0      # "recency": initial half-life of the weights, in items
+    attention_heads: int = 2            # "transformer": heads per layer
+    attention_layers: int = 1           # "transformer": layers
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -45,6 +51,12 @@ class TowerConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.multi_pooling not in MULTI_POOLINGS:
             raise ValueError(f"multi_pooling must be one of {MULTI_POOLINGS}, got {self.multi_pooling!r}")
+        if self.history_encoder not in HISTORY_ENCODERS:
+            raise ValueError(f"history_encoder must be one of {HISTORY_ENCODERS}, got {self.history_encoder!r}")
+        if self.history_len < 1 or self.recency_half_life <= 0:
+            raise ValueError("history_len must be >= 1 and recency_half_life > 0")
+        if self.history_encoder == "transformer" and self.emb_dim % self.attention_heads:
+            raise ValueError(f"emb_dim {self.emb_dim} must be a multiple of attention_heads {self.attention_heads}")
         self.hidden = tuple(int(h) for h in self.hidden)
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0")
@@ -57,7 +69,8 @@ class TowerConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TowerConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        # checkpoints written before history encoders existed pooled by the mean
+        return cls(**{"history_encoder": "mean", **{k: v for k, v in d.items() if k in known}})
 
 
 class SideFeatures(nn.Module):
@@ -120,8 +133,103 @@ def masked_mean(emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
+def history_ages(rows: torch.Tensor) -> torch.Tensor:
+    """(B, L) left-aligned item rows (oldest first, 0-padded right) -> (B, L) long: how many items
+    came after each one (0 = the most recent), and 0 at padding positions (masked by callers)."""
+    n = (rows != 0).sum(dim=1, keepdim=True)  # (B, 1)
+    pos = torch.arange(rows.shape[1], device=rows.device).unsqueeze(0)  # (1, L)
+    return (n - 1 - pos).clamp_min(0)
+
+
+class MeanHistory(nn.Module):
+    """The YoutubeDNN baseline: the mean of the history's item embeddings, order-free."""
+
+    def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        # padding rows excluded from sum and count, as one fused op (~6x faster than gather, mask,
+        # sum on CPU); an empty history pools to zeros
+        return F.embedding_bag(rows, table, mode="mean", padding_idx=0, sparse=sparse)  # (B, E)
+
+
+class RecencyHistory(nn.Module):
+    """A weighted mean with weights ``exp(-rate * age)``: the latest items count most. The rate is
+    learned, starting from ``half_life`` items (the weight halves every ``half_life`` older items)."""
+
+    def __init__(self, half_life: float) -> None:
+        super().__init__()
+        self.log_rate = nn.Parameter(torch.tensor(math.log(math.log(2.0) / half_life)))
+
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """(B, L) normalised weights; 0 at padding, all 0 for an empty history."""
+        w = torch.exp(-self.log_rate.exp() * history_ages(rows).to(self.log_rate.dtype))
+        w = w * (rows != 0).to(w.dtype)
+        return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        return F.embedding_bag(rows, table, mode="sum", per_sample_weights=self.weights(rows),
+                               sparse=sparse)  # (B, E)
+
+
+class AttentionHistory(nn.Module):
+    """Attention pooling: a learned scorer over each item embedding plus an embedding of its age
+    (so it can learn recency as well as which items say most); softmax over the real items."""
+
+    def __init__(self, emb_dim: int, max_len: int) -> None:
+        super().__init__()
+        self.age = nn.Embedding(max_len, emb_dim)
+        nn.init.normal_(self.age.weight, std=0.05)
+        self.proj = nn.Linear(emb_dim, emb_dim)
+        self.score = nn.Linear(emb_dim, 1, bias=False)
+
+    def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        e = F.embedding(rows, table, sparse=sparse)  # (B, L, E)
+        ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
+        logits = self.score(torch.tanh(self.proj(e + self.age(ages)))).squeeze(-1)  # (B, L)
+        valid = rows != 0
+        a = torch.softmax(logits.masked_fill(~valid, -1e9), dim=1) * valid.to(e.dtype)  # (B, L); 0 if empty
+        return torch.einsum("bl,ble->be", a, e)  # (B, E)
+
+
+class TransformerHistory(nn.Module):
+    """A small self-attention encoder (SASRec-like): item + age embeddings, pre-norm transformer
+    layers over the real items (padding masked), the output at the most recent item."""
+
+    def __init__(self, emb_dim: int, max_len: int, heads: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.age = nn.Embedding(max_len, emb_dim)
+        nn.init.normal_(self.age.weight, std=0.05)
+        layer = nn.TransformerEncoderLayer(emb_dim, heads, dim_feedforward=2 * emb_dim, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(emb_dim)
+
+    def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        valid = rows != 0  # (B, L)
+        empty = ~valid.any(dim=1)  # (B,)
+        ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
+        x = F.embedding(rows, table, sparse=sparse) + self.age(ages)  # (B, L, E)
+        # an all-padding row would make every attention weight NaN: let it see its first slot, then
+        # zero its output below
+        pad = ~valid
+        pad[:, 0] &= ~empty
+        h = self.norm(self.layers(x, src_key_padding_mask=pad))  # (B, L, E)
+        last = (valid.sum(dim=1) - 1).clamp_min(0)  # (B,) position of the most recent item
+        out = h[torch.arange(len(rows), device=rows.device), last]  # (B, E)
+        return out.masked_fill(empty.unsqueeze(-1), 0.0)
+
+
+def history_encoder(cfg: TowerConfig) -> nn.Module:
+    if cfg.history_encoder == "recency":
+        return RecencyHistory(cfg.recency_half_life)
+    if cfg.history_encoder == "attention":
+        return AttentionHistory(cfg.emb_dim, cfg.history_len)
+    if cfg.history_encoder == "transformer":
+        return TransformerHistory(cfg.emb_dim, cfg.history_len, cfg.attention_heads, cfg.attention_layers,
+                                  cfg.dropout)
+    return MeanHistory()
+
+
 class UserTower(nn.Module):
-    """User id embedding + mean-pooled history + user side features -> MLP -> unit vector.
+    """User id embedding + pooled history (``history_encoder``) + user side features -> MLP -> unit vector.
 
     YoutubeDNN and DSSM share this shape; they differ in the defaults (DSSM has no history unless
     asked) and, mostly, on the item side.
@@ -133,6 +241,7 @@ class UserTower(nn.Module):
         in_dim = 0
         self.user_emb: nn.Embedding | None = None
         self.hist_emb: nn.Embedding | None = None
+        self.hist_encoder: nn.Module | None = None
         if cfg.use_user_id:
             self.user_emb = nn.Embedding(meta["n_user_rows"], cfg.emb_dim, padding_idx=0, sparse=True)
             nn.init.normal_(self.user_emb.weight, std=0.05)
@@ -140,6 +249,7 @@ class UserTower(nn.Module):
         if cfg.use_history:
             self.hist_emb = nn.Embedding(meta["n_item_rows"], cfg.emb_dim, padding_idx=0, sparse=True)
             nn.init.normal_(self.hist_emb.weight, std=0.05)
+            self.hist_encoder = history_encoder(cfg)
             in_dim += cfg.emb_dim
         self.features = SideFeatures(meta["user"] if cfg.use_user_features else [], cfg.feature_dim,
                                      cfg.multi_pooling)
@@ -157,11 +267,10 @@ class UserTower(nn.Module):
         if self.user_emb is not None:
             parts.append(self.user_emb(batch["user_row"]))  # (B, E)
         if self.hist_emb is not None:
-            hist = batch["hist"]  # (B, L)
-            # the same masked mean as ``masked_mean`` (padding rows excluded from sum and count), as
-            # one fused EmbeddingBag op: ~6x faster forward+backward than gather, mask, sum on CPU
-            parts.append(F.embedding_bag(hist, self.hist_emb.weight, mode="mean", padding_idx=0,
-                                         sparse=self.hist_emb.sparse))  # (B, E)
+            assert self.hist_encoder is not None
+            # the table's ``sparse`` flag decides the gradient's layout (row-sparse for the training
+            # job's table optimizer), never a result
+            parts.append(self.hist_encoder(self.hist_emb.weight, batch["hist"], self.hist_emb.sparse))  # (B, E)
         side = self.features(batch)
         if side is not None:
             parts.append(side)

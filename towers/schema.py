@@ -198,7 +198,8 @@ def read_table_with_lines(path: str | Path, *, text_columns: Iterable[str] = ())
             df = pd.read_parquet(path)
         except Exception as exc:  # pyarrow raises many types
             raise DataError(f"cannot read parquet: {exc}", path=path) from exc
-        if df.empty:
+        # rows, not cells: a side table of ids alone (the index, no feature column) is not empty
+        if len(df) == 0:
             raise DataError("file has no rows", path=path)
         has_named_index = any(n is not None for n in df.index.names)
         df = df.reset_index(drop=not has_named_index)

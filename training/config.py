@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, model_validator
 
-from towers import ModelName, MultiPooling
+from towers import HistoryEncoder, ModelName, MultiPooling
 from towers.validation import (
     Fraction,
     JobConfig,
@@ -58,6 +58,7 @@ class TrainConfig(JobConfig):
     dropout: Fraction = 0.0
     temperature: PositiveFloat = 0.05
     history_len: PositiveInt = 5            # ML-100k: the last few items predict the next best (3-20 tried)
+    history_encoder: HistoryEncoder = "mean"  # how the user tower pools the history (towers.model)
     use_user_id: bool = True
     use_history: bool = True
     use_user_features: bool = True

@@ -45,3 +45,35 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
     with atomic_open(path, "wb") as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
+
+
+def plot_trials(trials: Sequence[dict[str, Any]], path: str | Path, *, k: int = 50, title: str = "") -> None:
+    """A tuning run: each trial's validation HR@k (dots, trial 0 = the defaults) and the best so far."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    xs = [int(t["trial"]) for t in trials]
+    ys = [float(t["value"]) for t in trials]
+    best, run = [], float("-inf")
+    for y in ys:
+        run = max(run, y) if y == y else run  # NaN (a failed trial) never becomes the best
+        best.append(run)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(xs, ys, s=18, label="trial")
+    ax.step(xs, best, where="post", color="tab:green", label="best so far")
+    if ys:
+        ax.axhline(ys[0], color="grey", linestyle=":", label=f"defaults (trial 0): {ys[0]:.4f}")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"valid HR@{k} (seen masked)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)

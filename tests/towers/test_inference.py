@@ -43,6 +43,8 @@ def _requests(world):
     dict(model="dssm", hidden=(16, 8), use_history=True, multi_pooling="sum"),
     dict(model="youtubednn", hidden=(16,), dropout=0.3, use_user_id=False),
     dict(model="dssm", hidden=(), use_user_features=False),
+    dict(model="youtubednn", hidden=(16,), history_encoder="recency", recency_half_life=1.5),
+    dict(model="youtubednn", hidden=(16,), history_encoder="attention", use_user_id=False),
 ])
 def test_numpy_forward_matches_the_module(world, kw) -> None:
     m = _model(world, **kw)
@@ -93,6 +95,8 @@ def test_a_bag_of_only_padding_pools_to_zeros() -> None:
 @pytest.mark.parametrize("kw", [
     dict(model="youtubednn", hidden=(16,)),
     dict(model="dssm", hidden=(16, 8), use_history=True, multi_pooling="sum", use_user_id=False),
+    dict(model="youtubednn", hidden=(16,), history_encoder="recency"),
+    dict(model="youtubednn", hidden=(16,), history_encoder="attention"),
 ])
 def test_the_exported_user_tower_embeds_as_the_model_does(world, kw, tmp_path) -> None:
     """The file the reindex job writes into a bundle (user_tower.npz) rebuilds the user side with
@@ -121,3 +125,20 @@ def test_a_broken_or_pickled_export_is_refused_naming_the_file(world, tmp_path) 
     np.savez(path, __meta__=np.frombuffer(b"{}", dtype=np.uint8), user=np.array([object()], dtype=object))
     with pytest.raises(ValueError, match="user_tower.npz"):
         UserEmbedder.load(path)
+
+
+def test_the_self_attention_encoder_is_served_by_the_module(world) -> None:
+    """No NumPy twin for the transformer encoder: embed_users falls back to the module's forward
+    (decided once), with the same answers one user at a time or together; the bundle then carries
+    no user_tower.npz and the service reads model.pt (index.bundle)."""
+    m = _model(world, model="youtubednn", hidden=(16,), history_encoder="transformer")
+    with pytest.raises(ValueError, match="no NumPy twin for history encoder TransformerHistory"):
+        UserTowerNumpy.from_module(m.user_tower)
+    users, feats, hists = _requests(world)
+    ut = m.user_tower.eval()
+    with torch.no_grad():
+        want = ut(m.encoder.encode_users(users, feats, hists)).numpy()
+    np.testing.assert_allclose(m.embed_users(users, feats, hists), want, atol=1e-5)
+    assert m._numpy_user_tower() is None and m._no_twin is m.user_tower
+    one = np.vstack([m.embed_users([u], [f], [h]) for u, f, h in zip(users, feats, hists, strict=True)])
+    np.testing.assert_allclose(one, want, atol=1e-5)

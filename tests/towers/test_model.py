@@ -111,3 +111,77 @@ def test_sum_pooling_differs_from_mean(world) -> None:
             outs.append(it(enc.encode_items(items)))
     assert not torch.allclose(outs[0], outs[1])
     assert F.normalize(outs[0], dim=-1).shape == (4, 8)
+
+
+# ------------------------------------------------------------------------------------------------ history encoders
+
+ENCODERS = ["mean", "recency", "attention", "transformer"]
+
+
+def _encoder(name: str, max_len: int = 6) -> tuple[torch.nn.Module, torch.Tensor]:
+    from towers.model import history_encoder
+
+    torch.manual_seed(0)
+    enc = history_encoder(TowerConfig(emb_dim=8, history_encoder=name, history_len=max_len)).eval()
+    table = torch.randn(20, 8)
+    table[0] = 0.0  # the padding row
+    return enc, table
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_history_encoders_shapes_padding_and_empty_histories(name: str) -> None:
+    enc, table = _encoder(name)
+    rows = torch.tensor([[3, 5, 7, 0, 0, 0], [4, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        out = enc(table, rows)
+        assert out.shape == (3, 8) and torch.isfinite(out).all()
+        assert torch.equal(out[2], torch.zeros(8))  # an empty history contributes nothing
+        # more padding on the right (a longer --history-len) changes nothing
+        wider = torch.cat([rows, torch.zeros(3, 4, dtype=torch.long)], dim=1)
+        torch.testing.assert_close(enc(table, wider), out)
+        # a row's result does not depend on the other rows of the batch
+        torch.testing.assert_close(enc(table, rows[1:2]), out[1:2])
+        # another item does move the pooled vector
+        assert not torch.allclose(enc(table, torch.tensor([[3, 5, 9, 0, 0, 0]])), out[:1])
+
+
+@pytest.mark.parametrize("name", ["recency", "attention", "transformer"])
+def test_order_aware_encoders_read_the_order(name: str) -> None:
+    enc, table = _encoder(name)
+    with torch.no_grad():
+        a = enc(table, torch.tensor([[3, 5, 7, 0]]))
+        b = enc(table, torch.tensor([[7, 5, 3, 0]]))
+    assert not torch.allclose(a, b)
+
+
+def test_recency_weights_halve_every_half_life_and_favour_the_latest() -> None:
+    from towers.model import RecencyHistory
+
+    enc = RecencyHistory(half_life=2.0)
+    w = enc.weights(torch.tensor([[3, 5, 7, 9, 11, 0]]))[0].detach()
+    assert w[5] == 0 and abs(float(w.sum()) - 1.0) < 1e-6
+    torch.testing.assert_close(w[2] / w[4], torch.tensor(0.5))  # two items older: half the weight
+    assert (w[:4] < w[1:5]).all()
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoders_train_through_a_sparse_table(name: str) -> None:
+    """With the id table's sparse flag the table's gradient is row-sparse and touches only the
+    rows the batch read; the encoder's own parameters (if any) get dense gradients."""
+    enc, table = _encoder(name)
+    enc.train()
+    weight = torch.nn.Parameter(table.clone())
+    out = enc(weight, torch.tensor([[3, 5, 0, 0], [5, 0, 0, 0]]), True)
+    out.pow(2).sum().backward()
+    assert weight.grad is not None and weight.grad.is_sparse
+    assert set(weight.grad.coalesce().indices()[0].tolist()) <= {0, 3, 5}
+    for p in enc.parameters():
+        assert p.grad is not None and not p.grad.is_sparse
+
+
+def test_checkpoints_from_before_history_encoders_pool_by_the_mean() -> None:
+    old = TowerConfig().to_dict()
+    del old["history_encoder"]
+    assert TowerConfig.from_dict(old).history_encoder == "mean"
+    with pytest.raises(ValueError, match="history_encoder"):
+        TowerConfig(history_encoder="lstm")

@@ -1,0 +1,274 @@
+"""``twotower tune``: a hyperparameter search (Optuna's TPE sampler) within a time budget, scored on
+the VALIDATION rows only.
+
+The test rows are never read. The search trains on the data with every user's last (test) row
+removed: the trainer's own leave-last-out split of what remains then trains on the original train
+rows, early-stops on the row before the validation row, and reports HR@K on the original validation
+row. That figure is each trial's value. The winner's settings go to ``best.json``;
+``twotower train --config best.json`` then trains it on the full train split as usual (validation
+for early stopping, the test rows scored once at the end).
+
+Each trial is one ``training.train.run`` in a scratch directory. The first trial is the defaults
+(with whatever the user fixed), so the winner is never worse than the defaults on validation. A
+trial is only started while the time left is at least the slowest trial so far, so the search ends
+within its budget rather than at the first trial after it. Written next to ``best.json``: the
+trials as ``trials.csv`` and ``trials.md`` (best first) and ``trials.png`` (value per trial and the
+best so far).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
+
+
+def parse_budget(text: str) -> float:
+    """``"10m"``, ``"90s"``, ``"1h30m"`` or a plain number of seconds -> seconds (> 0)."""
+    m = _DURATION.match(str(text).lower())
+    if not m or not any(m.groups()):
+        raise ValueError(f"expected a duration such as 10m, 90s or 1h30m, got {text!r}")
+    h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+    total = 3600 * h + 60 * mins + s
+    if total <= 0:
+        raise ValueError(f"the budget must be positive, got {text!r}")
+    return total
+
+
+# The searched settings: name -> how a trial picks it. Kept small enough for TPE to learn within
+# ten minutes of ~30-60 s trials; every range holds the shipped default.
+def suggest(trial: Any) -> dict[str, Any]:
+    p: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", 5e-4, 2e-2, log=True),
+        "temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True),
+        "dim": trial.suggest_categorical("dim", [32, 64, 128]),
+        "history_len": trial.suggest_int("history_len", 3, 100, log=True),
+        "history_encoder": trial.suggest_categorical("history_encoder", ["mean", "recency", "attention"]),
+        "use_user_id": trial.suggest_categorical("use_user_id", [True, False]),
+        "user_id_dropout": trial.suggest_float("user_id_dropout", 0.0, 0.5),
+        "negatives": trial.suggest_categorical("negatives", ["inbatch", "mixed"]),
+        "epochs": trial.suggest_int("epochs", 2, 10),
+        "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
+        "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+    }
+    return p
+
+
+@dataclass
+class TuneConfig:
+    train: Any                                  # training.config.TrainConfig: the base of every trial
+    budget_s: float = 600.0
+    max_trials: int | None = None
+    out: str | None = None                      # default: ARTIFACTS/tune/<time>/
+    fixed: tuple[str, ...] = ()                 # settings the user gave: never searched
+    seed: int = 0
+    quiet: bool = False
+    # (trial params) -> overrides; tests pass a tiny space
+    space: Callable[[Any], dict[str, Any]] = field(default=suggest)
+
+
+@dataclass
+class TuneResult:
+    out: Path
+    best_value: float
+    best_params: dict[str, Any]
+    best_config: dict[str, Any]
+    trials: list[dict[str, Any]]
+
+
+def without_test_rows(data: Any) -> Any:
+    """The same data minus each user's test row (the last of users with 3+ interactions)."""
+    import dataclasses
+
+    import pandas as pd
+
+    from training.data import split_leave_last_out
+
+    split = split_leave_last_out(data)
+    kept = pd.concat([split.train, split.valid], ignore_index=True)
+    return dataclasses.replace(data, interactions=kept)
+
+
+def write_tuning_data(data: Any, dest: Path) -> str:
+    """Write ``data`` (test rows already removed) as a csv:DIR the trainer reads; returns its spec.
+
+    Only the feature columns go out, so the trials see exactly the features the real run will."""
+    import dataclasses
+
+    from training.data import load_data
+    from training.train import write_data_snapshot
+
+    items = data.items[[s.name for s in data.item_features]]
+    users = data.users[[s.name for s in data.user_features]]
+    write_data_snapshot(dataclasses.replace(data, items=items, users=users), dest)
+    spec = f"csv:{dest.resolve()}"
+    back = load_data(spec)
+    if ([(s.name, s.kind) for s in back.item_features + back.user_features]
+            != [(s.name, s.kind) for s in data.item_features + data.user_features]):
+        raise RuntimeError(f"the tuning copy of the data lost or changed features ({back.item_features}, "
+                           f"{back.user_features} vs {data.item_features}, {data.user_features})")
+    return spec
+
+
+def run_tune(cfg: TuneConfig) -> TuneResult:
+    import optuna
+    import pandas as pd
+
+    from training.config import _RUNTIME_FIELDS, TrainConfig
+    from training.data import load_data
+    from training.train import run as train_run
+
+    base: TrainConfig = cfg.train
+    out = Path(cfg.out) if cfg.out else Path(base.artifacts) / "tune" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    data = load_data(base.data, **base.data_options)
+    tuning = without_test_rows(data)
+    scratch = Path(tempfile.mkdtemp(prefix="tune-", dir=out))
+    try:
+        spec = write_tuning_data(tuning, scratch / "data")
+        log.info("tuning on %s without its %d test rows (%d rows left); budget %.0fs",
+                 base.data, len(data.interactions) - len(tuning.interactions), len(tuning.interactions), cfg.budget_s)
+        del data, tuning
+        k = base.eval_k
+        # emb_dim follows dim unless the user set it (a searched dim must keep the tables tied)
+        base_doc = {**base.to_dict(), **({} if "emb_dim" in cfg.fixed else {"emb_dim": None})}
+        records: list[dict[str, Any]] = []
+        slowest = 0.0
+
+        def objective(trial: optuna.Trial) -> float:
+            nonlocal slowest
+            # trial 0 is the defaults as they stand (derived values included); later trials search
+            params = {} if trial.number == 0 else {n: v for n, v in cfg.space(trial).items() if n not in cfg.fixed}
+            trial_cfg = TrainConfig.from_dict({**base_doc, **params, "data": spec, "data_options": {},
+                                               "artifacts": str(scratch / f"trial{trial.number}"),
+                                               "quiet": True, "resume": None, "stop_after_epoch": None})
+            t0 = time.perf_counter()
+            res = train_run(trial_cfg)
+            secs = time.perf_counter() - t0
+            slowest = max(slowest, secs)
+            shutil.rmtree(scratch / f"trial{trial.number}", ignore_errors=True)
+            test = res.metrics.get("test") or {}
+            value = float(test["masked"][f"HR@{k}"]) if test and f"HR@{k}" in test["masked"] else \
+                float(test["masked"]["HR@50"]) if test else float("nan")
+            shown = params or {n: "default" for n in _searched_names(cfg)}
+            records.append({"trial": trial.number, "value": value, "seconds": secs,
+                            "best_epoch": res.metrics.get("best_epoch"), **shown})
+            trial.set_user_attr("seconds", secs)
+            return value
+
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=8)
+        study = optuna.create_study(direction="maximize", sampler=sampler, study_name="twotower-tune")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        bar = _progress(cfg)
+
+        def stop_when_out_of_time(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            elapsed = time.perf_counter() - t_start
+            best = study.best_value if study.best_trial is not None else float("nan")
+            msg = (f"trial {trial.number}: valid HR@{k} {trial.value if trial.value is not None else float('nan'):.4f} "
+                   f"in {trial.user_attrs.get('seconds', 0):.0f}s; best {best:.4f} (trial {study.best_trial.number}); "
+                   f"{_fmt_s(elapsed)} of {_fmt_s(cfg.budget_s)}")
+            if bar is not None:
+                bar.n = min(int(elapsed), bar.total)
+                bar.set_postfix_str(f"trials {trial.number + 1}, best {best:.4f}")
+                bar.refresh()
+            log.info(msg)
+            if cfg.budget_s - elapsed < slowest:
+                study.stop()  # the next trial would probably not finish inside the budget
+
+        study.optimize(objective, n_trials=cfg.max_trials, timeout=cfg.budget_s, callbacks=[stop_when_out_of_time],
+                       catch=(FloatingPointError,))
+        if bar is not None:
+            bar.close()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    done = [r for r in records if math.isfinite(r["value"])]
+    if not done:
+        raise RuntimeError("no trial finished inside the budget; give --budget more time")
+    best = max(done, key=lambda r: r["value"])
+    best_params = {n: v for n, v in best.items()
+                   if n not in ("trial", "value", "seconds", "best_epoch") and v != "default"}
+    runtime = set(_RUNTIME_FIELDS) | {"data", "data_options"}
+    best_cfg = {n: v for n, v in TrainConfig.from_dict({**base_doc, **best_params}).to_dict().items()
+                if n not in runtime}
+    best_cfg = {"data": base.data, "data_options": base.data_options, **best_cfg}
+    doc = {"train": best_cfg, "searched": best_params, f"valid_hr@{k}": best["value"], "trial": best["trial"],
+           "defaults_valid_hr": records[0]["value"] if records else None, "trials": len(records),
+           "budget_s": cfg.budget_s, "elapsed_s": time.perf_counter() - t_start,
+           "note": "value = HR@K on the validation rows; the test rows were never read. "
+                   "Train the winner with: twotower train --config best.json"}
+    (out / "best.json").write_text(json.dumps(doc, indent=2, default=_plain))
+    table = pd.DataFrame(records).sort_values("value", ascending=False)
+    table.to_csv(out / "trials.csv", index=False)
+    (out / "trials.md").write_text(_markdown(table, k))
+    from training.plots import plot_trials
+
+    plot_trials(records, out / "trials.png", k=k, title=f"twotower tune on {base.data}")
+    log.info("best valid HR@%d %.4f (trial %d, defaults %.4f) after %d trials in %s; wrote %s",
+             k, best["value"], best["trial"], records[0]["value"], len(records),
+             _fmt_s(time.perf_counter() - t_start), out / "best.json")
+    return TuneResult(out, best["value"], best_params, best_cfg, records)
+
+
+def _searched_names(cfg: TuneConfig) -> list[str]:
+    """The names the search space sets, read off a trial that records its suggestions."""
+    names: list[str] = []
+
+    class _Names:
+        def __getattr__(self, attr: str) -> Callable[..., Any]:
+            def pick(name: str, *args: Any, **kw: Any) -> Any:
+                names.append(name)
+                choices = args[0] if args and isinstance(args[0], (list, tuple)) else kw.get("choices")
+                return choices[0] if choices else (args[0] if args else 0)
+            return pick
+
+    cfg.space(_Names())
+    return names
+
+
+def _progress(cfg: TuneConfig) -> Any:
+    if cfg.quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=int(cfg.budget_s), desc="tune", unit="s", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}s {postfix}")
+
+
+def _fmt_s(s: float) -> str:
+    return f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def _plain(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _markdown(table: Any, k: int) -> str:
+    cols = [c for c in table.columns if c != "trial"]
+    lines = ["| trial | " + " | ".join(f"valid HR@{k}" if c == "value" else c for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for _, r in table.iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c == "value" else
+                         f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append(f"| {int(r['trial'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
