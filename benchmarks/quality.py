@@ -1,17 +1,27 @@
-"""Retrieval quality side by side on one split, scored by ONE exact evaluator.
+"""Retrieval quality over several datasets, every model scored by ONE exact evaluator.
 
-    python benchmarks/quality.py [--data movielens:DIR] [--only a,b] [--skip-rechub]
+    python benchmarks/quality.py                         # every dataset, every row
+    python benchmarks/quality.py --datasets ml-100k --only ease,ours
+    python benchmarks/quality.py --only tuned            # `twotower tune --budget 10m`, then train the winner
+    python benchmarks/quality.py --render                # rewrite the report from .bench/quality.json
 
-Models: popularity and EASE (references), torch-rechub 0.9.0's DSSM and YoutubeDNN trained the way
-its own MovieLens examples train them (in a separate virtualenv, see ``rechub_runner.py``), and
-our DSSM / YoutubeDNN with each negative sampler (``training.train.run``). Every model is scored
-by ``training.evaluate.evaluate_scores`` on the per-user leave-last-out TEST rows (history = train
-+ valid rows; "masked" = every item seen before the target removed, never the target).
-Writes ``benchmarks/results/quality.md`` (and ``.bench/quality.json`` with every number).
+Datasets (``benchmarks/datasets.py``): MovieLens-100k and ml-latest-small from ``../shared/data``, and
+two synthetic shapes unlike them (a 20k-item long-tail catalogue; short session-like histories).
+Rows per dataset: popularity and EASE (lambda 500) as references; torch-rechub 0.9.0's DSSM and
+YoutubeDNN trained the way its own MovieLens examples train them (``rechub_runner.py``, in a
+separate virtualenv); ours with the shipped defaults (data-derived values included); the
+mean-pooled YoutubeDNN baseline and one row per option on top of it; and the winner of a
+10-minute ``twotower tune`` (searched on validation rows only) trained with ``--config best.json``.
+
+Every model is scored by ``training.evaluate.evaluate_scores`` on the per-user leave-last-out TEST
+rows (history = train + valid rows; "masked" = every item seen before the target removed). The
+headline is the WORST ratio to EASE over the datasets. Results accumulate in ``.bench/quality.json``
+(a run replaces the rows it ran), and ``benchmarks/results/quality.md`` is rendered from all of them.
 
 The torch-rechub virtualenv lives in ``.bench/rechub-venv`` (gitignored): created with this
 interpreter, then ``pip install torch==2.13.0`` FIRST (so pip never pulls another torch build),
-then ``pip install torch-rechub==0.9.0`` from PyPI.
+then ``pip install torch-rechub==0.9.0`` from PyPI. Run the whole script under the shared CPU lock
+(``flock /work/coord/cpu.lock``): training times only mean something on otherwise idle cores.
 """
 
 from __future__ import annotations
@@ -34,8 +44,11 @@ import numpy as np
 import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
-    sys.path.insert(0, str(REPO))
+for p in (str(REPO), str(REPO / "benchmarks")):
+    if p not in sys.path:  # runnable as a plain script from a checkout
+        sys.path.insert(0, p)
+
+import datasets as bench_data  # noqa: E402
 
 from training.baselines import DEFAULT_EASE_LAMBDA, ease_scorer, fit_ease, popularity_scorer  # noqa: E402
 from training.data import load_data, split_leave_last_out  # noqa: E402
@@ -43,33 +56,46 @@ from training.evaluate import EvalSet, build_eval_set, evaluate_model, evaluate_
 
 log = logging.getLogger("quality")
 
-DEFAULT_DATA = f"movielens:{REPO.parent / 'shared' / 'data' / 'ml-100k'}"
 RECHUB_VERSION = "0.9.0"
 TORCH_VERSION = "2.13.0"
-SAMPLERS = ("uniform", "popularity", "inbatch", "mixed", "hard")
-OUR_MODELS = tuple(f"{m}-{s}" for m in ("youtubednn", "dssm") for s in SAMPLERS)
-ALL_MODELS = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn") + OUR_MODELS
-# not a model: the folding diagnostic on synthetic data with known clusters (two more trainings)
-FOLDING = "folding"
-FOLDING_DATA = "synthetic"
-FOLDING_OPTIONS: dict[str, Any] = {"size": "small"}
 KS = (10, 50, 100)
 RECHUB_EXAMPLES = "https://github.com/datawhalechina/torch-rechub/tree/main/examples/matching"
+TRAIN_BUDGET_S = 60.0      # the defaults' target: each dataset trained in <= 60 s on 2 cores
+DEFAULTS_TARGET = 1.05     # defaults: HR@50 >= 1.05x EASE on every dataset
+TUNED_TARGET = 1.10        # tune with a 10-minute budget: >= 1.10x EASE on every dataset
+TUNE_BUDGET = "10m"
+
+# The mean-pooled YoutubeDNN baseline (the defaults with the history pooled by a plain mean), then
+# one option at a time on top of it: what each adds, per dataset.
+BASELINE = "youtubednn-mean"
+VARIANTS: dict[str, dict[str, Any]] = {
+    BASELINE: {"history_encoder": "mean"},
+    "+recency": {"history_encoder": "recency"},
+    "+attention": {"history_encoder": "attention"},
+    "+transformer": {"history_encoder": "transformer"},
+    "-user-id": {"history_encoder": "mean", "use_user_id": False},
+    "-item-features": {"history_encoder": "mean", "use_item_features": False},
+    "-tied-history": {"history_encoder": "mean", "tie_embeddings": False},
+    "dssm": {"model": "dssm"},
+}
+REFERENCES = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn")
+ALL_ROWS = (*REFERENCES, "ours", *VARIANTS, "tuned")
 
 
 @dataclass
 class QualityConfig:
-    data: str = DEFAULT_DATA
-    only: tuple[str, ...] = ()               # model names to run (default: all)
+    datasets: tuple[str, ...] = tuple(bench_data.DATASETS)
+    only: tuple[str, ...] = ()               # row names to run (default: all)
     skip_rechub: bool = False
     ease_lambda: float = DEFAULT_EASE_LAMBDA
+    tune_budget: str = TUNE_BUDGET
     venv: Path = REPO / ".bench" / "rechub-venv"
     rechub_num_workers: int | None = None    # None = the examples' DataLoader default (8)
     rechub_epochs: int | None = None         # None = the examples' 10 epochs
     rechub_threads: int | None = None        # None = the same policy as our training (idle cores)
-    our_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for ours
+    our_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for every row of ours
     out_md: Path = REPO / "benchmarks" / "results" / "quality.md"
-    out_json: Path = REPO / ".bench" / "quality.json"
+    store: Path = REPO / ".bench" / "quality.json"
     seed: int = 0
 
 
@@ -137,8 +163,12 @@ def export_for_rechub(data: Any, split: Any, ev: EvalSet, dest: Path) -> None:
         u[theirs] = users[src].astype(str).to_numpy() if src in users.columns else ""
     u.to_csv(dest / "users.csv", index=False)
 
+    # their item feature: the first genre (MovieLens) or the first categorical item feature
+    cats = [s.name for s in data.item_features if s.kind == "categorical"]
     if "genres" in data.items.columns:
         first = data.items["genres"].map(lambda g: str(g[0]) if isinstance(g, (tuple, list)) and len(g) else "")
+    elif cats:
+        first = data.items[cats[0]].astype(str)
     else:
         first = pd.Series("", index=data.items.index)
     pd.DataFrame({"item_id": [str(i) for i in ev.item_ids], "cate_id": first.to_numpy()}).to_csv(
@@ -198,69 +228,114 @@ def _same_threads_as_ours() -> int | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# our models
+# ours
 
 
-def run_ours(cfg: QualityConfig, data: Any, split: Any, ev: EvalSet, names: list[str], workdir: Path) -> list[Row]:
-    try:
-        from training.train import TrainConfig
-        from training.train import run as train_run
-    except ImportError as exc:  # the training job is not there (yet): report, do not fail the rest
-        log.warning("training.train is not available (%s); skipping %s", exc, ", ".join(names))
-        return [Row(n, {}, None, f"not run: training.train unavailable ({exc})") for n in names]
+def _train_and_score(spec: str, data: Any, split: Any, ev: EvalSet, name: str, workdir: Path,
+                     fields: dict[str, Any], notes: str = "") -> Row:
     from towers.checkpoint import load_checkpoint
+    from training.train import TrainConfig
+    from training.train import run as train_run
 
+    tc = TrainConfig.from_dict({"data": spec, "artifacts": str(workdir / name), "quiet": True, **fields})
+    c0, t0 = cpu_seconds(), time.perf_counter()
+    try:
+        res = train_run(tc)
+    except Exception as exc:  # one broken configuration must not sink the whole comparison
+        log.exception("%s failed", name)
+        return Row(name, {}, None, f"failed: {type(exc).__name__}: {exc}")
+    train_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+    metrics = evaluate_model(load_checkpoint(res.model_path), data, split, which="test", ks=KS, ev=ev)
+    doc = json.loads((res.dir / "config.json").read_text())
+    best_epoch = res.metrics.get("best_epoch")
+    note = "; ".join(x for x in (notes, f"best epoch {best_epoch} of {doc['train']['epochs']}") if x)
+    log.info("%s: masked HR@50 %.4f in %.1fs", name, metrics["masked"]["HR@50"], train_s)
+    return Row(name, metrics, train_s, note, cpu_s=cpu_s,
+               extra={"train": doc["train"], "derived": doc.get("derived", {}),
+                      "valid_hr": res.metrics.get(f"best_valid_hr@{tc.eval_k}")})
+
+
+def run_ours(cfg: QualityConfig, spec: str, data: Any, split: Any, ev: EvalSet, names: list[str],
+             workdir: Path) -> list[Row]:
     rows = []
     for name in names:
-        model, sampler = name.split("-", 1)
-        tc = TrainConfig(data=cfg.data, artifacts=str(workdir / name), model=model, negatives=sampler,
-                         seed=cfg.seed, quiet=True, **cfg.our_overrides)
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        try:
-            res = train_run(tc)
-        except Exception as exc:  # one broken configuration must not sink the whole comparison
-            log.exception("%s failed", name)
-            rows.append(Row(name, {}, None, f"failed: {type(exc).__name__}: {exc}"))
-            continue
-        train_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
-        m = load_checkpoint(res.model_path)
-        metrics = evaluate_model(m, data, split, which="test", ks=KS, ev=ev)
-        epochs = res.metrics.get("best_epoch") if isinstance(res.metrics, dict) else None
-        rows.append(Row(name, metrics, train_s, f"best epoch {epochs}" if epochs is not None else "",
-                        extra={"train_config": tc.to_dict()}, cpu_s=cpu_s))
-        log.info("%s: masked HR@50 %.4f in %.1fs", name, metrics["masked"]["HR@50"], train_s)
+        fields = dict(cfg.our_overrides) if name == "ours" else {**cfg.our_overrides, **VARIANTS[name]}
+        rows.append(_train_and_score(spec, data, split, ev, name, workdir, {"seed": cfg.seed, **fields}))
     return rows
 
 
-def run_folding(cfg: QualityConfig, workdir: Path) -> list[dict[str, Any]]:
-    """Share of top-50 items from clusters the user never touched: negatives vs positives only."""
-    try:
-        from training.train import TrainConfig
-        from training.train import run as train_run
-    except ImportError as exc:
-        log.warning("training.train is not available (%s); skipping the folding diagnostic", exc)
-        return []
-    from towers.checkpoint import load_checkpoint
-    from training.evaluate import folding_share
+def run_tuned(cfg: QualityConfig, spec: str, data: Any, split: Any, ev: EvalSet, workdir: Path) -> Row:
+    """``twotower tune --budget 10m`` (validation rows only), then train the winner from best.json."""
+    from training.config import TrainConfig
+    from training.tune import TuneConfig, parse_budget, run_tune
 
-    data = load_data(FOLDING_DATA, **FOLDING_OPTIONS)
+    t0 = time.perf_counter()
+    base = TrainConfig.from_dict({"data": spec, "artifacts": str(workdir / "tune"), "quiet": True,
+                                  "seed": cfg.seed, **cfg.our_overrides})
+    res = run_tune(TuneConfig(train=base, budget_s=parse_budget(cfg.tune_budget), out=str(workdir / "tune" / "out"),
+                              quiet=True, fixed=tuple(cfg.our_overrides)))
+    tune_s = time.perf_counter() - t0
+    best = json.loads((res.out / "best.json").read_text())
+    trials = pd.read_csv(res.out / "trials.csv")
+    note = (f"tune {tune_s:.0f}s, {len(trials)} trials, valid HR@50 {best['valid_hr@50']:.4f} "
+            f"(defaults {best['defaults_valid_hr']:.4f}); winner {json.dumps(best['searched'], default=str)}")
+    row = _train_and_score(spec, data, split, ev, "tuned", workdir, {**best["train"], "data": spec}, note)
+    row.extra.update({"tune_s": tune_s, "trials": len(trials), "best": best})
+    return row
+
+
+# ----------------------------------------------------------------------------------------------
+# one dataset
+
+
+def run_dataset(cfg: QualityConfig, name: str) -> tuple[dict[str, Any], list[Row]]:
+    spec = bench_data.ensure(name)
+    wanted = list(cfg.only) or list(ALL_ROWS)
+    if cfg.skip_rechub:
+        wanted = [n for n in wanted if not n.startswith("rechub-")]
+    data = load_data(spec)
     split = split_leave_last_out(data)
     ev = build_eval_set(data, split, "test")
-    out = []
-    for negatives in ("mixed", "inbatch", "none"):
-        tc = TrainConfig(data=FOLDING_DATA, data_options=dict(FOLDING_OPTIONS), artifacts=str(workdir / negatives),
-                         model="youtubednn", negatives=negatives, seed=cfg.seed, quiet=True)
-        res = train_run(tc)
-        model = load_checkpoint(res.model_path)
-        metrics = evaluate_model(model, data, split, which="test", ks=(50,), ev=ev)
-        out.append({"negatives": negatives, "folding@50": folding_share(model, data, split, k=50, ev=ev),
-                    "HR@50": metrics["masked"]["HR@50"]})
-        log.info("folding: youtubednn negatives=%s share %.3f HR@50 %.3f", negatives, out[-1]["folding@50"],
-                 out[-1]["HR@50"])
-    pop = popularity_scorer(split.train, ev)
-    out.append({"negatives": "(popularity baseline)", "folding@50": folding_share(pop, data, split, k=50, ev=ev),
-                "HR@50": evaluate_scores(pop, ev, ks=(50,))["masked"]["HR@50"]})
-    return out
+    per_user = data.interactions.groupby("user_id").size()
+    per_item = data.interactions.groupby("item_id").size().reindex(data.items.index, fill_value=0)
+    stats = {"spec": spec.replace(str(REPO.parent), ".."), "users": len(data.users), "items": len(data.items),
+             "interactions": len(data.interactions), "test_users": ev.n_users,
+             "median_history": float(per_user.median()), "items_seen_le_5": float((per_item <= 5).mean()),
+             "density": len(data.interactions) / max(1, len(data.users) * len(data.items)),
+             "dropped": dict(data.dropped)}
+    rows: list[Row] = []
+    if "popularity" in wanted:
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        scorer = popularity_scorer(split.train, ev)
+        rows.append(Row("popularity", evaluate_scores(scorer, ev, ks=KS), time.perf_counter() - t0,
+                        cpu_s=cpu_seconds() - c0))
+    if "ease" in wanted:
+        c0, t0 = cpu_seconds(), time.perf_counter()
+        # float32 above 10k items: the inverse of 20k x 20k in float64 alone would take 3.2 GB
+        dtype = np.float64 if ev.n_items <= 10_000 else np.float32
+        B = fit_ease(split.train, ev.item_ids, lam=cfg.ease_lambda, dtype=dtype)
+        fit_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
+        rows.append(Row("ease", evaluate_scores(ease_scorer(B, ev), ev, ks=KS), fit_s,
+                        f"lambda {cfg.ease_lambda:g}, {np.dtype(dtype).name}", cpu_s=cpu_s))
+        del B
+    rechub = [n for n in wanted if n.startswith("rechub-")]
+    if rechub:
+        try:
+            rows += run_rechub(cfg, data, split, ev, rechub)
+        except Exception as exc:  # report it in the table rather than losing the other rows
+            log.exception("torch-rechub failed on %s", name)
+            rows += [Row(n, {}, None, f"failed: {type(exc).__name__}: {exc}") for n in rechub]
+    ours = [n for n in wanted if n == "ours" or n in VARIANTS]
+    with tempfile.TemporaryDirectory(prefix="quality-ours-") as tmp:
+        if ours:
+            rows += run_ours(cfg, spec, data, split, ev, ours, Path(tmp))
+        if "tuned" in wanted:
+            rows.append(run_tuned(cfg, spec, data, split, ev, Path(tmp)))
+    for r in rows:
+        if r.metrics:
+            log.info("%s %-20s masked HR@50 %.4f  train %ss", name, r.name, r.metrics["masked"]["HR@50"],
+                     _fmt(r.train_s, 1))
+    return stats, rows
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,100 +346,136 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else f"{x:.{digits}f}"
 
 
-def render_markdown(rows: list[Row], cfg: QualityConfig, n_users: int, n_items: int, env: dict[str, Any],
-                    folding: list[dict[str, Any]] | None = None) -> str:
-    by = {r.name: r for r in rows}
-    ease = by.get("ease")
-    ease_hr = ease.metrics["masked"]["HR@50"] if ease and ease.metrics else None
+def _hr(row: dict[str, Any] | None) -> float | None:
+    return row["metrics"]["masked"]["HR@50"] if row and row.get("metrics") else None
+
+
+def _ratio(store: dict[str, Any], ds: str, name: str) -> float | None:
+    rows = store["datasets"].get(ds, {}).get("rows", {})
+    hr, ease = _hr(rows.get(name)), _hr(rows.get("ease"))
+    return hr / ease if hr is not None and ease else None
+
+
+def render_markdown(store: dict[str, Any]) -> str:
+    names = [d for d in bench_data.DATASETS if d in store["datasets"]]
     lines = [
-        "# Retrieval quality: MovieLens-100k, per-user leave-last-out",
+        "# Retrieval quality over datasets, per-user leave-last-out",
         "",
-        f"Data `{cfg.data.replace(str(REPO.parent), '..')}`; {n_users} test users, {n_items} catalogue items. "
-        "One exact evaluator (`training/evaluate.py`) ranks the FULL catalogue for every model. "
-        "Target = each user's last interaction; the model reads the history before it (train + valid rows). "
-        "**masked** = every item seen before the target set to -inf (never the target); **raw** = no masking. "
-        "One target per user, so HR@K = Recall@K. MRR is full-rank (not truncated). "
-        "Ties rank in catalogue order.",
+        "One exact evaluator (`training/evaluate.py`) ranks the FULL catalogue for every model. Target = each "
+        "user's last interaction; the model reads the history before it (train + valid rows). HR@K is "
+        "seen-masked (every item the user had before the target set to -inf, never the target); one target "
+        "per user, so HR@K = Recall@K. Ratios are to EASE (lambda 500) on the same split. "
+        "The datasets (`benchmarks/datasets.py`):",
         "",
-        "| model | HR@10 | HR@50 | HR@100 | HR@10 raw | HR@50 raw | HR@100 raw | NDCG@50 | MRR | train s | CPU s "
-        "| HR@50 / EASE | time / rechub | CPU / rechub |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | data | users | items | interactions | median history | items seen <= 5 times | density |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        if not r.metrics:
-            lines.append(f"| {r.name} | " + " | ".join(["-"] * 13) + " |")
-            continue
-        mk, raw = r.metrics["masked"], r.metrics["raw"]
-        ratio_ease = _fmt(mk["HR@50"] / ease_hr, 2) if ease_hr else "-"
-        ratio_time = ratio_cpu = "-"
-        if r.name.split("-", 1)[0] in ("dssm", "youtubednn"):
-            ref = by.get(f"rechub-{r.name.split('-', 1)[0]}")
-            if ref and ref.train_s and r.train_s:
-                ratio_time = _fmt(r.train_s / ref.train_s, 2)
-            if ref and ref.cpu_s and r.cpu_s:
-                ratio_cpu = _fmt(r.cpu_s / ref.cpu_s, 2)
-        lines.append(f"| {r.name} | {_fmt(mk['HR@10'])} | **{_fmt(mk['HR@50'])}** | {_fmt(mk['HR@100'])} | "
-                     f"{_fmt(raw['HR@10'])} | {_fmt(raw['HR@50'])} | {_fmt(raw['HR@100'])} | "
-                     f"{_fmt(mk['NDCG@50'])} | {_fmt(mk['MRR'])} | {_fmt(r.train_s, 1)} | {_fmt(r.cpu_s, 1)} | "
-                     f"{ratio_ease} | {ratio_time} | {ratio_cpu} |")
-    lines += ["", "HR@K, NDCG@50 and MRR without a suffix are seen-masked. `time / rechub` compares our model with "
-              "torch-rechub's model of the same family (DSSM with DSSM, YoutubeDNN with YoutubeDNN). "
-              "Training wall time is from the start of data preparation to the end of training "
-              "(our runs: `training.train.run`, which also loads the data and validates each epoch; "
-              "torch-rechub: sample generation + `MatchTrainer.fit`); EASE: the closed-form fit; popularity: counting. "
-              "CPU s = user + system CPU seconds of the training process and its DataLoader workers over the "
-              "same span: a cross-check that does not stretch when other work shares the cores.", ""]
-    ours = [r for r in rows if r.metrics and r.name.split("-", 1)[0] in ("dssm", "youtubednn")]
-    if ours and ease_hr:
-        best = max(ours, key=lambda r: r.metrics["masked"]["HR@50"])
-        ref = by.get(f"rechub-{best.name.split('-', 1)[0]}")
-        hr = best.metrics["masked"]["HR@50"]
-        best_s = float(best.train_s or 0.0)
-        verdict = [f"- Best of ours: **{best.name}**, masked HR@50 {hr:.3f} vs EASE {ease_hr:.3f} "
-                   f"({'meets' if hr >= ease_hr else 'below'} the EASE target), trained in {best_s:.1f}s "
-                   f"({'under' if best_s < 60 else 'over'} the 60 s budget)"]
-        if ref and ref.train_s:
-            verdict[0] += (f"; wall time {best_s / ref.train_s:.2f}x torch-rechub {ref.name.removeprefix('rechub-')}'s "
-                           f"{ref.train_s:.1f}s")
-            if ref.cpu_s and best.cpu_s:
-                verdict[0] += f", CPU time {best.cpu_s / ref.cpu_s:.2f}x ({best.cpu_s:.1f}s vs {ref.cpu_s:.1f}s)"
-        fastest = min((r for r in rows if r.name.startswith("rechub-") and r.train_s), key=lambda r: r.train_s or 0.0,
-                      default=None)
-        if fastest and fastest is not ref and fastest.train_s:
-            verdict[0] += f"; {best_s / fastest.train_s:.2f}x the faster torch-rechub model ({fastest.name})"
-        lines += ["## Target", ""] + verdict + [""]
-    if folding:
-        lines += ["## Folding diagnostic (synthetic data with known clusters)", "",
-                  f"`load_data(\"{FOLDING_DATA}\", size=\"{FOLDING_OPTIONS['size']}\")`, our YoutubeDNN with default "
-                  "settings but the negatives below. Folding share = mean over test users of the share of their "
-                  "seen-masked top-50 items whose cluster the user never touched in the train split "
-                  "(`training.evaluate.folding_share`); lower is better.", "",
-                  "| negatives | folding share@50 | HR@50 |", "|---|---|---|"]
-        lines += [f"| {f['negatives']} | {f['folding@50']:.3f} | {f['HR@50']:.3f} |" for f in folding] + [""]
-    notes = [r for r in rows if r.notes]
-    if notes:
-        lines += ["## Notes per model", ""] + [f"- {r.name}: {r.notes}" for r in notes] + [""]
+    for d in names:
+        s = store["datasets"][d]["stats"]
+        lines.append(f"| {d} | `{s['spec']}` | {s['users']:,} | {s['items']:,} | {s['interactions']:,} | "
+                     f"{s['median_history']:.0f} | {s['items_seen_le_5']:.0%} | {s['density']:.4f} |")
+    dropped = [f"{d}: {store['datasets'][d]['stats']['dropped']}" for d in names if store["datasets"][d]["stats"]["dropped"]]
+    if dropped:
+        lines += ["", "Rows the loader dropped (and logged, with their lines): " + "; ".join(dropped) + "."]
+
+    # ---- headline
+    def worst(row: str) -> tuple[float | None, str]:
+        vals = [(r, d) for d in names if (r := _ratio(store, d, row)) is not None]
+        if len(vals) < len(names) or not vals:
+            return None, ""
+        return min(vals)
+
+    lines += ["", "## Headline: the worst ratio to EASE over the datasets", "",
+              "| HR@50 / EASE | " + " | ".join(names) + " | worst |", "|---" * (len(names) + 2) + "|"]
+    for row, label in (("ours", "ours, defaults"), (BASELINE, "mean-pooled YoutubeDNN (baseline)"),
+                       ("tuned", f"ours, `twotower tune --budget {TUNE_BUDGET}` winner"),
+                       ("rechub-youtubednn", "torch-rechub YoutubeDNN"), ("rechub-dssm", "torch-rechub DSSM"),
+                       ("popularity", "popularity")):
+        cells = [_fmt(_ratio(store, d, row), 2) for d in names]
+        w, wd = worst(row)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_fmt(w, 2)}**{f' ({wd})' if wd else ''} |")
+    times = [store["datasets"][d]["rows"].get("ours", {}).get("train_s") for d in names]
+    lines.append("| ours, defaults: train s (2 cores) | " + " | ".join(_fmt(t, 1) for t in times) +
+                 f" | **{_fmt(max((t for t in times if t is not None), default=None), 1)}** |")
+    w_def, wd_def = worst("ours")
+    w_tun, wd_tun = worst("tuned")
+    slowest = max((t for t in times if t is not None), default=None)
+    lines += ["", "Targets:",
+              f"- defaults >= {DEFAULTS_TARGET:.2f}x EASE on every dataset: worst {_fmt(w_def, 2)} ({wd_def or '-'}) -> "
+              f"**{'met' if w_def is not None and w_def >= DEFAULTS_TARGET else 'NOT met'}**; each trained in <= "
+              f"{TRAIN_BUDGET_S:.0f} s: slowest {_fmt(slowest, 1)} s -> "
+              f"**{'met' if slowest is not None and slowest <= TRAIN_BUDGET_S else 'NOT met'}**",
+              f"- `twotower tune` with a {TUNE_BUDGET} budget >= {TUNED_TARGET:.2f}x EASE on every dataset: worst "
+              f"{_fmt(w_tun, 2)} ({wd_tun or '-'}) -> **{'met' if w_tun is not None and w_tun >= TUNED_TARGET else 'NOT met'}**",
+              ""]
+
+    # ---- what each option adds
+    lines += ["## What each option adds (HR@50 / EASE)", "",
+              f"`{BASELINE}` is the defaults with the history pooled by a plain mean (YoutubeDNN); every other row "
+              "changes one thing on top of it (`+` adds, `-` removes). `dssm` is the defaults with the DSSM item tower.", "",
+              "| variant | " + " | ".join(names) + " | worst |", "|---" * (len(names) + 2) + "|"]
+    for v in VARIANTS:
+        cells = [_fmt(_ratio(store, d, v), 2) for d in names]
+        w, _ = worst(v)
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(w, 2)} |")
+
+    # ---- what the defaults derived from each dataset
+    derived_rows = [(d, store["datasets"][d]["rows"].get("ours", {}).get("extra", {}).get("derived", {})) for d in names]
+    if any(v for _, v in derived_rows):
+        lines += ["", "## What the defaults derived from each dataset", "",
+                  "Settings left unset are derived from the data at train time (logged, and kept in the model's "
+                  "`config.json` under `derived`); a flag given explicitly always wins.", ""]
+        for d, der in derived_rows:
+            if der:
+                lines.append(f"- {d}: " + "; ".join(f"`{k}` = {v['value']} ({v['why']})" for k, v in der.items()))
+
+    # ---- per dataset
+    for d in names:
+        rows = store["datasets"][d]["rows"]
+        ease = _hr(rows.get("ease"))
+        lines += ["", f"## {d}", "",
+                  "| model | HR@10 | HR@50 | HR@100 | NDCG@50 | MRR | HR@50 raw | train s | CPU s | HR@50 / EASE |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for name in ALL_ROWS:
+            r = rows.get(name)
+            if r is None:
+                continue
+            if not r.get("metrics"):
+                lines.append(f"| {name} | " + " | ".join(["-"] * 9) + " |")
+                continue
+            mk, raw = r["metrics"]["masked"], r["metrics"]["raw"]
+            lines.append(f"| {name} | {_fmt(mk['HR@10'])} | **{_fmt(mk['HR@50'])}** | {_fmt(mk['HR@100'])} | "
+                         f"{_fmt(mk['NDCG@50'])} | {_fmt(mk['MRR'])} | {_fmt(raw['HR@50'])} | {_fmt(r['train_s'], 1)} | "
+                         f"{_fmt(r.get('cpu_s'), 1)} | {_fmt(mk['HR@50'] / ease, 2) if ease else '-'} |")
+        notes = [(n, rows[n]["notes"]) for n in ALL_ROWS if n in rows and rows[n].get("notes")]
+        if notes:
+            lines += [""] + [f"- {n}: {t}" for n, t in notes]
+        when = store["datasets"][d].get("env", {})
+        if when:
+            lines += ["", f"Run {when.get('when', '?')} with `python benchmarks/quality.py{when.get('args', '')}` "
+                      f"(1-min load average {when.get('loadavg_start', [0])[0]:.1f} at the start, "
+                      f"{when.get('loadavg_end', [0])[0]:.1f} at the end)."]
     lines += [
+        "",
         "## How each reference was trained",
         "",
-        f"- popularity: train-split interaction counts. EASE: closed form, lambda = {cfg.ease_lambda:g}, on the "
-        "binary train-split user-item matrix; scores = (history before the target) @ B.",
+        "- popularity: train-split interaction counts. EASE: closed form, lambda = 500, on the binary train-split "
+        "user-item matrix (only items with train rows enter the inverse: the others' weights are exactly 0); "
+        "scores = (history before the target) @ B.",
         f"- torch-rechub {RECHUB_VERSION} (`benchmarks/rechub_runner.py`, in `.bench/rechub-venv`): the recipes of its "
         f"own examples `run_ml_dssm.py` and `run_ml_youtube_dnn.py` ({RECHUB_EXAMPLES}): sparse user features "
-        "user_id, gender, age, occupation, zip (+ mean-pooled last-50 history sharing the movie_id table), "
-        "embed_dim 16; negatives by `generate_seq_feature_match(sample_method=1, neg_ratio=3)` (count^0.75 "
-        "popularity); DSSM: point-wise BCE (mode 0), item features movie_id + first genre, towers [256,128,64] "
-        "PReLU, batch 4096; YoutubeDNN: list-wise softmax over 1 positive + 3 negatives (mode 2), user MLP "
-        "[128,64,16], temperature 0.02, batch 2048; both Adam lr 1e-4, weight decay 1e-6, 10 epochs, seed 2022. "
-        "Their generator holds out each user's last row, so the runner gets our train + valid rows: it holds "
-        "out our valid row and trains on exactly our train rows. Deviations: vocabularies cover the whole "
-        "catalogue; numpy/random are seeded as well. Note torch-rechub 0.9.0's DSSM.forward has its "
-        "temperature division commented out (`sigmoid(cosine)`), as shipped.",
+        "user_id, gender, age, occupation, zip where the data has them (+ mean-pooled last-50 history sharing the "
+        "item id table), embed_dim 16; negatives by `generate_seq_feature_match(sample_method=1, neg_ratio=3)` "
+        "(count^0.75 popularity); DSSM: point-wise BCE (mode 0), item features id + first genre (or the first "
+        "categorical item feature), towers [256,128,64] PReLU, batch 4096; YoutubeDNN: list-wise softmax over 1 "
+        "positive + 3 negatives (mode 2), user MLP [128,64,16], temperature 0.02, batch 2048; both Adam lr 1e-4, "
+        "weight decay 1e-6, 10 epochs, seed 2022. Their generator holds out each user's last row, so the runner "
+        "gets our train + valid rows: it holds out our valid row and trains on exactly our train rows.",
+        "- ours: `training.train.run` wall time, from loading the data to the end of training (validation each "
+        "epoch included); `tuned`: the tune's own time is in its note, `train s` is the final training from "
+        "`best.json`.",
         "",
-        f"Machine: {env['machine']}; torch {env['torch']}; run at {env['when']} with "
-        f"`python benchmarks/quality.py{env['args']}` ({env['total_s']:.0f}s in all; 1-min load average "
-        f"{env['loadavg_start'][0]:.1f} at the start, {env['loadavg_end'][0]:.1f} at the end: wall times "
-        "stretch when other work shares the cores).",
+        f"Machine: {store.get('env', {}).get('machine', '?')}; torch {store.get('env', {}).get('torch', '?')}.",
         "",
     ]
     return "\n".join(lines)
@@ -373,115 +484,72 @@ def render_markdown(rows: list[Row], cfg: QualityConfig, n_users: int, n_items: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _with_train_only_mask(data: Any, split: Any, ev: EvalSet) -> EvalSet:
-    """``ev`` with the mask rebuilt from train rows only (the valid row stays rankable)."""
-    import dataclasses
-
-    from training.data import Split
-
-    only_train = build_eval_set(data, Split(train=split.train, valid=split.valid.iloc[0:0], test=split.test), "test")
-    if only_train.user_ids.tolist() != ev.user_ids.tolist():
-        raise RuntimeError("evaluation users differ between the two masks")
-    return dataclasses.replace(ev, mask_indptr=only_train.mask_indptr, mask_cols=only_train.mask_cols)
-
-
-def run(cfg: QualityConfig, argv_text: str = "") -> list[Row]:
-    t_all = time.perf_counter()
-    load_start = list(os.getloadavg())
-    wanted = list(cfg.only) or [*ALL_MODELS, FOLDING]
-    unknown = [n for n in wanted if n not in (*ALL_MODELS, FOLDING)]
-    if unknown:
-        raise ValueError(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(ALL_MODELS)}, {FOLDING}")
-    if cfg.skip_rechub:
-        wanted = [n for n in wanted if not n.startswith("rechub-")]
-    data = load_data(cfg.data)
-    split = split_leave_last_out(data)
-    ev = build_eval_set(data, split, "test")
-    rows: list[Row] = []
-    if "popularity" in wanted:
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        scorer = popularity_scorer(split.train, ev)
-        count_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0  # only the counting, not the evaluation
-        rows.append(Row("popularity", evaluate_scores(scorer, ev, ks=KS), count_s, cpu_s=cpu_s))
-    if "ease" in wanted:
-        c0, t0 = cpu_seconds(), time.perf_counter()
-        B = fit_ease(split.train, ev.item_ids, lam=cfg.ease_lambda)
-        fit_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
-        # the same EASE with only train-split items masked (the valid row left rankable): the protocol
-        # behind the issue's earlier 0.387, kept here so the two numbers can be told apart
-        ev_train_mask = _with_train_only_mask(data, split, ev)
-        alt = evaluate_scores(ease_scorer(B, ev), ev_train_mask, ks=(50,), mask_seen="masked")["masked"]["HR@50"]
-        rows.append(Row("ease", evaluate_scores(ease_scorer(B, ev), ev, ks=KS), fit_s,
-                        f"lambda {cfg.ease_lambda:g}; masked HR@50 is {alt:.3f} when only train-split items are "
-                        "masked (the valid row left in the ranking)", cpu_s=cpu_s))
-    rechub = [n for n in wanted if n.startswith("rechub-")]
-    if rechub:
-        rows += run_rechub(cfg, data, split, ev, rechub)
-    ours = [n for n in wanted if n in OUR_MODELS]
-    if ours:
-        with tempfile.TemporaryDirectory(prefix="quality-ours-") as tmp:
-            rows += run_ours(cfg, data, split, ev, ours, Path(tmp))
-    folding: list[dict[str, Any]] = []
-    if FOLDING in wanted:
-        with tempfile.TemporaryDirectory(prefix="quality-folding-") as tmp:
-            folding = run_folding(cfg, Path(tmp))
-    for r in rows:
-        if r.metrics:
-            log.info("%-22s masked HR@50 %.4f  raw HR@50 %.4f  train %ss", r.name, r.metrics["masked"]["HR@50"],
-                     r.metrics["raw"]["HR@50"], _fmt(r.train_s, 1))
+def _env(argv_text: str, t_all: float, load_start: list[float]) -> dict[str, Any]:
     import torch
 
-    env = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, no GPU"
-           if not torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores, CUDA",
-           "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-           "args": argv_text, "total_s": time.perf_counter() - t_all,
-           # wall times are only comparable on a quiet machine: record how busy it was
-           "loadavg_start": load_start, "loadavg_end": list(os.getloadavg())}
-    if cfg.out_md:
-        cfg.out_md.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out_md.write_text(render_markdown(rows, cfg, ev.n_users, ev.n_items, env, folding))
-        log.info("wrote %s", cfg.out_md)
-    if cfg.out_json:
-        cfg.out_json.parent.mkdir(parents=True, exist_ok=True)
-        cfg.out_json.write_text(json.dumps({"env": env, "rows": [r.__dict__ for r in rows], "folding": folding,
-                                            "data": cfg.data, "ease_lambda": cfg.ease_lambda,
-                                            "n_users": ev.n_users, "n_items": ev.n_items},
-                                           indent=2, default=str))
-    return rows
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, no GPU"
+               if not torch.cuda.is_available() else f"{platform.machine()}, {os.cpu_count()} cores, CUDA")
+    return {"machine": machine, "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "args": argv_text, "total_s": time.perf_counter() - t_all, "loadavg_start": load_start,
+            "loadavg_end": list(os.getloadavg())}
 
 
-def rerender(json_path: Path, out_md: Path) -> None:
-    """Rewrite the markdown from a run's saved JSON (no training): for report-format changes."""
-    saved = json.loads(json_path.read_text())
-    rows = [Row(**r) for r in saved["rows"]]
-    first = next((r.metrics for r in rows if r.metrics), {})
-    cfg = QualityConfig(data=saved.get("data", DEFAULT_DATA), ease_lambda=saved.get("ease_lambda", DEFAULT_EASE_LAMBDA))
-    out_md.write_text(render_markdown(rows, cfg, int(saved.get("n_users", first.get("n_users", 0))),
-                                      int(saved.get("n_items", first.get("n_items", 0))), saved["env"],
-                                      saved.get("folding")))
+def load_store(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        return json.loads(path.read_text())
+    return {"datasets": {}}
+
+
+def run(cfg: QualityConfig, argv_text: str = "") -> dict[str, Any]:
+    unknown = [n for n in cfg.only if n not in ALL_ROWS]
+    unknown_ds = [d for d in cfg.datasets if d not in bench_data.DATASETS]
+    if unknown or unknown_ds:
+        raise ValueError(f"unknown row(s) {unknown} / dataset(s) {unknown_ds}; rows: {', '.join(ALL_ROWS)}; "
+                         f"datasets: {', '.join(bench_data.DATASETS)}")
+    store = load_store(cfg.store)
+    for name in cfg.datasets:
+        t_all, load_start = time.perf_counter(), list(os.getloadavg())
+        stats, rows = run_dataset(cfg, name)
+        entry = store["datasets"].setdefault(name, {"rows": {}})
+        entry["stats"] = stats
+        entry["rows"].update({r.name: r.__dict__ for r in rows})
+        entry["env"] = _env(argv_text, t_all, load_start)
+        store["env"] = entry["env"]
+        # saved after every dataset: a long run that stops keeps what it finished
+        cfg.store.parent.mkdir(parents=True, exist_ok=True)
+        cfg.store.write_text(json.dumps(store, indent=2, default=str))
+        if cfg.out_md:
+            cfg.out_md.parent.mkdir(parents=True, exist_ok=True)
+            cfg.out_md.write_text(render_markdown(store))
+    log.info("wrote %s and %s", cfg.store, cfg.out_md)
+    return store
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=DEFAULT_DATA, help="data spec (default: movielens:../shared/data/ml-100k)")
-    ap.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(ALL_MODELS)}, {FOLDING} "
-                                               "(default: all)")
+    ap.add_argument("--datasets", default="", help=f"comma-separated subset of: {', '.join(bench_data.DATASETS)}")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of the rows: {', '.join(ALL_ROWS)}")
     ap.add_argument("--skip-rechub", action="store_true", help="do not build/run the torch-rechub virtualenv")
-    ap.add_argument("--ease-lambda", type=float, default=DEFAULT_EASE_LAMBDA)
+    ap.add_argument("--tune-budget", default=TUNE_BUDGET, help="the tuned row's search budget")
     ap.add_argument("--rechub-num-workers", type=int, default=None,
                     help="DataLoader workers for torch-rechub (default: its examples' default, 8)")
     ap.add_argument("--rechub-epochs", type=int, default=None, help="override torch-rechub's 10 epochs (smoke runs)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="a TrainConfig field for every row of ours (experiments), e.g. --set history_len=20")
+    ap.add_argument("--store", type=Path, default=QualityConfig.store, help="where results accumulate")
     ap.add_argument("--out", type=Path, default=QualityConfig.out_md, help="markdown report path")
-    ap.add_argument("--rerender", type=Path, default=None, metavar="JSON",
-                    help="only rewrite the markdown from a saved run (.bench/quality.json); trains nothing")
+    ap.add_argument("--render", action="store_true", help="only rewrite the report from the store; trains nothing")
     args = ap.parse_args(argv)
-    if args.rerender:
-        rerender(args.rerender, args.out)
+    if args.render:
+        args.out.write_text(render_markdown(load_store(args.store)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = QualityConfig(data=args.data, only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
-                        skip_rechub=args.skip_rechub, ease_lambda=args.ease_lambda,
-                        rechub_num_workers=args.rechub_num_workers, rechub_epochs=args.rechub_epochs, out_md=args.out)
+    overrides = {k: json.loads(v) for k, _, v in (s.partition("=") for s in args.set)}
+    cfg = QualityConfig(datasets=tuple(s for s in args.datasets.split(",") if s) or tuple(bench_data.DATASETS),
+                        only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
+                        skip_rechub=args.skip_rechub, tune_budget=args.tune_budget,
+                        rechub_num_workers=args.rechub_num_workers, rechub_epochs=args.rechub_epochs,
+                        our_overrides=overrides, store=args.store, out_md=args.out)
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     run(cfg, argv_text)
     return 0
