@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from training.config import TrainConfig
-from training.data import make_synthetic, split_leave_last_out
+from training.data import split_leave_last_out
+from training.synthetic import make_synthetic
 from training.tune import TuneConfig, parse_budget, run_tune, without_test_rows
 
 
