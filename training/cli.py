@@ -16,6 +16,7 @@ from training.config import TrainConfig
 
 def register(subparsers: Any) -> None:
     register_train(subparsers)
+    register_tune(subparsers)
     try:
         from training.evaluate import register_eval
     except ModuleNotFoundError:  # the evaluator not installed: train still works
@@ -32,11 +33,55 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
                     "ARTIFACTS/models/<version>/ (model.pt, last.pt, metrics.json, curves.png, config.json, "
                     "data/). models/LATEST names the version once it is complete.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_train_flags(p)
+    p.add_argument("--nproc", type=int, default=None,
+                   help="train with N processes on this machine: a shortcut for `torchrun --standalone "
+                        "--nproc-per-node N -m twotower.cli train ...` (several machines: run torchrun, see README)")
+    p.set_defaults(handler=_train_command, parser=p)
+    return p
+
+
+def register_tune(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "tune", help="search hyperparameters on the validation rows within a time budget; writes best.json",
+        description="Search the training settings (Optuna TPE) on the validation rows only (the test rows are "
+                    "never read) within --budget, showing progress as it goes. Writes best.json, trials.csv, "
+                    "trials.md and trials.png to --out (default ARTIFACTS/tune/<time>/); train the winner with "
+                    "`twotower train --config best.json`. Training flags given here are fixed (not searched).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("search")
+    g.add_argument("--budget", default="10m", help="time budget: 10m, 90s, 1h30m (no trial starts that would "
+                                                   "probably not finish inside it)")
+    g.add_argument("--trials", type=int, default=None, help="stop after this many trials (default: the budget decides)")
+    g.add_argument("--out", default=None, help="directory for best.json and the trials table and plot")
+    add_train_flags(p)
+    p.set_defaults(handler=_tune_command, parser=p)
+    return p
+
+
+class _Given:
+    """Mixed into every training flag's argparse action: records which settings the command line
+    gave, so they win over a --config file (and are never searched by tune)."""
+
+    dest: str
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+        super().__call__(parser, namespace, values, option_string)  # type: ignore[misc]
+        namespace.given_settings = frozenset(getattr(namespace, "given_settings", frozenset())) | {self.dest}
+
+
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """Every training setting as a flag (train and tune share them)."""
 
     def flag(name: str, field: str | None = None, **kw: Any) -> None:
-        add_flag(g, name, TrainConfig, field, **kw)
+        action = add_flag(g, name, TrainConfig, field, **kw)
+        action.__class__ = type(f"Given{type(action).__name__}", (_Given, type(action)), {})
 
+    p.set_defaults(given_settings=frozenset())
     g = p.add_argument_group("data")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="settings from a JSON file: a tune's best.json or a model's config.json (flags given "
+                        "here win over it)")
     flag("--data", help="synthetic | movielens:DIR | csv:DIR")
     # the synthetic generator's options (training.synthetic.make_synthetic checks them), not settings
     g.add_argument("--synthetic-size", choices=("tiny", "small", "medium", "large"), default=None,
@@ -60,7 +105,9 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     flag("--hidden", help="tower MLP hidden sizes, comma-separated")
     flag("--dropout")
     flag("--temperature", help="logits = cosine / T")
-    flag("--history-len", help="recent items pooled by the user tower")
+    flag("--history-len", help="recent items the user tower reads")
+    flag("--history-encoder", help="how the history is pooled: mean (YoutubeDNN), recency-weighted mean, "
+                                   "attention pooling or a small self-attention encoder")
     flag("--user-id-dropout", help="share of examples trained with the out-of-vocabulary user id (new-user path)")
     flag("--tie-embeddings", help="share the history table with the item output table while training")
     flag("--user-features", "use_user_features")
@@ -107,24 +154,60 @@ def register_train(subparsers: Any) -> argparse.ArgumentParser:
     flag("--quiet", action="store_true", help="no progress bar")
     flag("--loader-workers",
          help="DataLoader processes that build batches ahead of the training step (0: in the training process)")
-    g.add_argument("--nproc", type=int, default=None,
-                   help="train with N processes on this machine: a shortcut for `torchrun --standalone "
-                        "--nproc-per-node N -m twotower.cli train ...` (several machines: run torchrun, see README)")
-    p.set_defaults(handler=_train_command, parser=p)
-    return p
+
+
+def settings_file(path: str) -> dict[str, Any]:
+    """Training settings from a JSON file: a flat mapping, or a document with a "train" section (a
+    tune's best.json, a model's config.json). Settings that only say how a run executes (artifacts,
+    device, threads, resume) are left to the command line."""
+    import json
+    from pathlib import Path
+
+    from towers.schema import DataError
+    from training.config import _RUNTIME_FIELDS
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise DataError("settings file not found", path=path) from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"not a JSON settings file ({exc})", path=path) from exc
+    values = doc.get("train", doc) if isinstance(doc, dict) else None
+    if not isinstance(values, dict):
+        raise DataError("expected a JSON object of training settings (or one with a \"train\" object)", path=path)
+    unknown = sorted(k for k in values if k not in TrainConfig.model_fields)
+    if unknown:
+        raise DataError(f"unknown setting(s) {', '.join(unknown)}", path=path)
+    values = {k: v for k, v in values.items() if k not in _RUNTIME_FIELDS}
+    try:  # a bad value is the file's, not a flag's: say so
+        TrainConfig(**values)
+    except ValueError as exc:
+        raise DataError(str(exc), path=path) from exc
+    return values
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig the parsed flags describe; a bad value exits 2 naming its flag."""
-    data_options: dict[str, Any] = {}
-    if args.data.strip().lower() == "synthetic":
+    """The TrainConfig the parsed flags describe: TrainConfig's defaults, then the --config file,
+    then every flag given on the command line. A bad value exits 2 naming its flag."""
+    from_file = settings_file(args.config) if getattr(args, "config", None) else {}
+    given = set(getattr(args, "given_settings", ()))
+    synthetic_flags = any(getattr(args, f"synthetic_{k}", None) is not None
+                          for k in ("size", "users", "items", "clusters", "per_user"))
+    if "data" in given or synthetic_flags:  # other data: the file's data options do not apply
+        from_file.pop("data_options", None)
+    from_file = {k: v for k, v in from_file.items() if k not in given}
+    if "data" in from_file:
+        args.data = from_file.pop("data")
+    data_options: dict[str, Any] = from_file.pop("data_options", None) or {}
+    if args.data.strip().lower() == "synthetic" and (not data_options or synthetic_flags):
+        data_options = {}
         for key, val in (("size", args.synthetic_size), ("n_users", args.synthetic_users),
                          ("n_items", args.synthetic_items), ("n_clusters", args.synthetic_clusters),
                          ("interactions_per_user", args.synthetic_per_user)):
             if val is not None:
                 data_options[key] = val
         data_options["seed"] = args.data_seed
-    return config_from_args(TrainConfig, args, args.parser, data_options=data_options)
+    return config_from_args(TrainConfig, args, args.parser, **from_file, data_options=data_options)
 
 
 def _train_command(args: argparse.Namespace) -> int:
@@ -151,4 +234,22 @@ def _train_command(args: argparse.Namespace) -> int:
         line += (f"; test HR@50 {test['masked']['HR@50']:.4f} (seen masked), {test['raw']['HR@50']:.4f} raw; "
                  f"best epoch {m['best_epoch']}, {m['wall_time_s']:.1f}s")
     print(line)
+    return 0
+
+
+def _tune_command(args: argparse.Namespace) -> int:
+    from training.config import _RUNTIME_FIELDS
+    from training.tune import TuneConfig, parse_budget, run_tune
+
+    try:
+        budget = parse_budget(args.budget)
+    except ValueError as exc:
+        args.parser.error(f"argument --budget: {exc}")
+    base = train_config(args)
+    fixed = set(args.given_settings) | (set(settings_file(args.config)) if args.config else set())
+    res = run_tune(TuneConfig(train=base, budget_s=budget, max_trials=args.trials, out=args.out,
+                              fixed=tuple(sorted(fixed - set(_RUNTIME_FIELDS))), quiet=base.quiet))
+    print(f"best valid HR@{base.eval_k} {res.best_value:.4f} after {len(res.trials)} trials "
+          f"(defaults {res.trials[0]['value']:.4f}); wrote {res.out}/best.json, trials.md, trials.png\n"
+          f"train the winner: twotower train --config {res.out}/best.json")
     return 0

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -76,8 +76,8 @@ class TuneConfig:
     fixed: tuple[str, ...] = ()                 # settings the user gave: never searched
     seed: int = 0
     quiet: bool = False
-    # (trial params) -> overrides; tests pass a tiny space
-    space: Callable[[Any], dict[str, Any]] = field(default=suggest)
+    # (optuna trial) -> settings; None = ``suggest`` (tests pass a tiny space)
+    space: Callable[[Any], dict[str, Any]] | None = None
 
 
 @dataclass
@@ -152,7 +152,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         def objective(trial: optuna.Trial) -> float:
             nonlocal slowest
             # trial 0 is the defaults as they stand (derived values included); later trials search
-            params = {} if trial.number == 0 else {n: v for n, v in cfg.space(trial).items() if n not in cfg.fixed}
+            params = {} if trial.number == 0 else {n: v for n, v in _space(cfg)(trial).items() if n not in cfg.fixed}
             trial_cfg = TrainConfig.from_dict({**base_doc, **params, "data": spec, "data_options": {},
                                                "artifacts": str(scratch / f"trial{trial.number}"),
                                                "quiet": True, "resume": None, "stop_after_epoch": None})
@@ -236,8 +236,12 @@ def _searched_names(cfg: TuneConfig) -> list[str]:
                 return choices[0] if choices else (args[0] if args else 0)
             return pick
 
-    cfg.space(_Names())
-    return names
+    _space(cfg)(_Names())
+    return [n for n in names if n not in cfg.fixed]
+
+
+def _space(cfg: TuneConfig) -> Callable[[Any], dict[str, Any]]:
+    return cfg.space or suggest
 
 
 def _progress(cfg: TuneConfig) -> Any:

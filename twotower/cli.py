@@ -1,4 +1,4 @@
-"""`twotower` console script: train, eval, reindex, serve, demo.
+"""`twotower` console script: train, tune, eval, reindex, serve, demo.
 
 Each stage package owns its subcommands in its own ``cli.py`` with ``register(subparsers)``; the
 handlers import heavy modules (torch, faiss) lazily so ``--help`` stays fast.
@@ -20,7 +20,7 @@ _JOBS_ONLY = {"torch", "pandas", "pyarrow", "tqdm", "matplotlib"}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="twotower", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,reindex,serve,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,tune,eval,reindex,serve,demo}")
     sub.required = True
     for mod_name in _STAGES:
         try:

@@ -60,23 +60,65 @@ def test_tune_never_reads_the_test_rows(tmp_path: Path) -> None:
     assert a.best_params == b.best_params
 
 
-def test_tune_writes_a_best_json_that_train_accepts(tmp_path: Path) -> None:
-    from training.train import run
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    from twotower.cli import main
 
-    res = _tune("synthetic", tmp_path, "t", trials=3)
-    out = res.out
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse exits for usage errors
+        rc = int(exc.code or 0)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_tune_cli_writes_a_best_json_that_train_accepts(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.tune
+
+    monkeypatch.setattr(training.tune, "suggest", _space)  # a tiny space; the flags are the real ones
+    out = tmp_path / "tune"
+    rc, printed, err = _cli(["tune", "--data", "synthetic", "--synthetic-size", "tiny", "--epochs", "1",
+                             "--threads", "1", "--budget", "2m", "--trials", "3", "--out", str(out),
+                             "--artifacts", str(tmp_path), "--quiet"], capsys)
+    assert rc == 0, err
+    assert f"train the winner: twotower train --config {out}/best.json" in printed
     best = json.loads((out / "best.json").read_text())
     assert (out / "trials.png").stat().st_size > 0
     table = pd.read_csv(out / "trials.csv")
-    assert len(table) == 3 and table["value"].iloc[0] == max(t["value"] for t in res.trials)
+    assert len(table) == 3 and table["value"].iloc[0] == best["valid_hr@50"]
     assert "| trial | valid HR@50 |" in (out / "trials.md").read_text()
     # trial 0 is the defaults; the winner is never worse than them on the validation rows
-    assert res.trials[0]["lr"] == "default" and best["valid_hr@50"] >= best["defaults_valid_hr"]
-    assert best["train"]["data"] == "synthetic" and best["searched"] == res.best_params
-    cfg = TrainConfig.from_dict({**best["train"], "artifacts": str(tmp_path / "final"), "quiet": True,
-                                 "num_threads": 1})
-    for name, value in res.best_params.items():
-        assert getattr(cfg, name) == value
-    assert cfg.emb_dim == cfg.dim  # a searched dim keeps the history and item tables tied
-    trained = run(cfg)
-    assert np.isfinite(trained.metrics["test"]["masked"]["HR@50"])
+    assert table.set_index("trial").loc[0, "lr"] == "default" and best["valid_hr@50"] >= best["defaults_valid_hr"]
+    # the flags given to tune were fixed, not searched
+    assert best["train"]["epochs"] == 1 and best["train"]["data_options"]["size"] == "tiny"
+    assert set(best["searched"]) <= {"lr", "history_len", "dim"}
+
+    # train --config: the winner's settings, an explicit flag winning over the file
+    rc, printed, err = _cli(["train", "--config", str(out / "best.json"), "--seed", "5", "--threads", "1",
+                             "--artifacts", str(tmp_path / "final"), "--quiet"], capsys)
+    assert rc == 0, err
+    version = (tmp_path / "final" / "models" / "LATEST").read_text().strip()
+    saved = json.loads((tmp_path / "final" / "models" / version / "config.json").read_text())["train"]
+    for name, value in best["searched"].items():
+        assert saved[name] == value
+    assert saved["seed"] == 5 and saved["epochs"] == 1 and saved["data_options"]["size"] == "tiny"
+    assert saved["emb_dim"] == saved["dim"]  # a searched dim keeps the history and item tables tied
+    rc, _, _ = _cli(["train", "--config", str(out / "best.json"), "--epochs", "2", "--threads", "1",
+                     "--artifacts", str(tmp_path / "final2"), "--quiet"], capsys)
+    version = (tmp_path / "final2" / "models" / "LATEST").read_text().strip()
+    assert json.loads((tmp_path / "final2" / "models" / version / "config.json").read_text())["train"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("{not json", "not a JSON settings file"),
+    ('{"train": {"lr": 0.01, "wings": 2}}', "unknown setting(s) wings"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"lr": -1}', "lr must be a positive number"),
+])
+def test_a_bad_settings_file_exits_2_naming_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     text: str, needle: str) -> None:
+    path = tmp_path / "best.json"
+    path.write_text(text)
+    rc, _, err = _cli(["train", "--config", str(path), "--artifacts", str(tmp_path), "--quiet"], capsys)
+    assert rc == 2 and needle in err
+    assert not (tmp_path / "models").exists()
