@@ -105,14 +105,19 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--hidden", help="tower MLP hidden sizes, comma-separated")
     flag("--dropout")
     flag("--temperature", help="logits = cosine / T")
-    flag("--history-len", help="recent items the user tower reads")
+    flag("--history-len", help="recent items the user tower reads (default: derived from the users' history "
+                               "lengths)")
     flag("--history-encoder", help="how the history is pooled: mean (YoutubeDNN), recency-weighted mean, "
                                    "attention pooling or a small self-attention encoder")
+    flag("--recency-half-life", help="recency encoder: starting half-life of its learned weights, in items")
+    flag("--attention-heads", help="transformer encoder: attention heads per layer")
+    flag("--attention-layers", help="transformer encoder: layers")
     flag("--user-id-dropout", help="share of examples trained with the out-of-vocabulary user id (new-user path)")
     flag("--tie-embeddings", help="share the history table with the item output table while training")
     flag("--user-features", "use_user_features")
     flag("--item-features", "use_item_features")
-    flag("--user-id", "use_user_id", help="learn a per-user id embedding")
+    flag("--user-id", "use_user_id", help="learn a per-user id embedding (default: derived, on when users have "
+                                           "long histories)")
     flag("--history", "use_history", help="pool the user's recent items in the user tower")
     flag("--item-id-embedding", help="DSSM: feed the item id to the item MLP (off: content features only)")
     flag("--multi-pooling", help="how a multi-valued feature's embeddings (genres, tags) are pooled")
@@ -128,7 +133,7 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
          help="also drop negatives that are in the user's training history (always on for hard)")
 
     g = p.add_argument_group("optimisation")
-    flag("--epochs", help="maximum epochs")
+    flag("--epochs", help="maximum epochs (default: derived from the number of training examples)")
     flag("--max-steps", help="a budget: stop after this many optimiser steps in all (the epoch in progress ends "
                              "early; the cosine schedule decays over the budget), then validate, test and publish")
     flag("--batch-size", help="examples per step (with several processes: in all, split between them)")

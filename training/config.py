@@ -38,7 +38,8 @@ ROWWISE_ADAGRAD_LR = 0.1
 
 
 class TrainConfig(JobConfig):
-    """Every knob of the training job, with defaults tuned on MovieLens-100k (see BENCHMARKS.md)."""
+    """Every knob of the training job, with defaults chosen by the worst ratio to EASE over the quality
+    benchmark's datasets (BENCHMARKS.md); ``None`` marks a knob derived from the data at train time."""
 
     # data
     data: str = "synthetic"                 # "synthetic" | "movielens:DIR" | "csv:DIR"
@@ -57,9 +58,13 @@ class TrainConfig(JobConfig):
     hidden: tuple[PositiveInt, ...] = (256,)
     dropout: Fraction = 0.0
     temperature: PositiveFloat = 0.05
-    history_len: PositiveInt = 5            # ML-100k: the last few items predict the next best (3-20 tried)
-    history_encoder: HistoryEncoder = "mean"  # how the user tower pools the history (towers.model)
-    use_user_id: bool = True
+    # None = derived from the data at train time (training/defaults.py; logged and kept in config.json)
+    history_len: PositiveInt | None = None  # items the user tower reads; None: from the users' history lengths
+    history_encoder: HistoryEncoder = "recency"  # how the user tower pools the history (towers.model)
+    recency_half_life: PositiveFloat = 8.0  # recency: the starting half-life of its learned weights, in items
+    attention_heads: PositiveInt = 2        # transformer: heads per layer
+    attention_layers: PositiveInt = 1       # transformer: layers
+    use_user_id: bool | None = None         # a per-user id embedding; None: on when users have long histories
     use_history: bool = True
     use_user_features: bool = True
     use_item_features: bool = True
@@ -78,7 +83,7 @@ class TrainConfig(JobConfig):
     # non-positives are mostly the user's own past items, and pushing them down wrecks the model
     mask_history_hits: bool = False
     # optimisation
-    epochs: PositiveInt = 4                 # with the cosine schedule: the length of the decay
+    epochs: PositiveInt | None = None       # with the cosine schedule: the length of the decay; None: from the data size
     batch_size: Annotated[int, Field(ge=2)] = 512  # a lone row has no in-batch negative
     max_steps: PositiveInt | None = None    # a budget: at most this many optimiser steps in all
     lr: PositiveFloat = 3e-3                # AdamW on the dense parameters (MLPs, side-feature tables)
@@ -121,5 +126,6 @@ class TrainConfig(JobConfig):
 
         from towers.model import TowerConfig
 
+        # a setting still unset (None: derived from the data when the job runs) keeps the towers' default
         return TowerConfig(**{f.name: getattr(self, f.name) for f in fields(TowerConfig)
-                              if f.name in type(self).model_fields})
+                              if f.name in type(self).model_fields and getattr(self, f.name) is not None})

@@ -51,6 +51,7 @@ from towers.artifacts import (
 )
 from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
+from training.defaults import DataStats, derive
 from training.distributed import Dist, RankLostError, is_collective_failure
 from training.pipeline import MemoryBatches, build_examples, epoch_seed, loader, part_of
 
@@ -201,6 +202,10 @@ class Prepared:
     eval_valid: Any             # training.evaluate.EvalSet | None (rank 0)
     stats: dict[str, Any]       # sizes for config.json
     stream_dir: Path | None = None  # streamed: the shard files (removed when the run is complete)
+    # the settings with the ones left unset derived from this data (training/defaults.py), and
+    # {setting: {value, why}} for those; run() carries on with ``cfg``
+    cfg: Any = None
+    derived: dict[str, Any] = field(default_factory=dict)
 
 
 def prepare_data(cfg: TrainConfig, dist: Dist, run: RunDir) -> Prepared:
@@ -234,6 +239,9 @@ def prepare_memory(cfg: TrainConfig, dist: Dist, run: RunDir) -> Prepared:
     split = split_leave_last_out(data)
     if len(split.train) == 0:
         raise DataError(f"data {cfg.data!r}: the training split is empty")
+    # settings left unset are derived from the data (a resumed run's were resolved when it started)
+    cfg, derived = derive(cfg, DataStats.of(split.train["user_id"].to_numpy(), len(data.items), len(data.interactions)))
+    assert cfg.history_len is not None
     encoder = FeatureEncoder.fit(data.users, data.items, data.user_features, data.item_features,
                                  history_len=cfg.history_len)
     ex = build_examples(split.train, pd.Index(encoder.user_ids), pd.Index(encoder.item_ids), cfg.history_len)
@@ -251,7 +259,8 @@ def prepare_memory(cfg: TrainConfig, dist: Dist, run: RunDir) -> Prepared:
              "test_rows": len(split.test), "examples": len(ex)}
     history = (ex.user_rows[rows], ex.item_rows[rows]) if _needs_history(cfg) else None
     return Prepared(data, split, encoder, batches, steps, counts, history, bool((ex.weights != 1.0).any()),
-                    encoder.encode_user_table(data.users), encoder.encode_item_table(data.items), ev_valid, stats)
+                    encoder.encode_user_table(data.users), encoder.encode_item_table(data.items), ev_valid, stats,
+                    cfg=cfg, derived=derived)
 
 
 def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepared:
@@ -271,6 +280,7 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
         sample_recdata,
         shard_count,
         side_tables,
+        stream_stats,
         write_stream_snapshot,
     )
 
@@ -296,6 +306,8 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
     users.index = pd.Index(users.index.astype(str).to_numpy(dtype=object), dtype=object, name="user_id")
     uspecs = [FeatureSpec.from_dict(f) for f in part.specs["user"]]
     ispecs = [FeatureSpec.from_dict(f) for f in part.specs["item"]]
+    cfg, derived = derive(cfg, lambda: stream_stats(part, len(items)))
+    assert cfg.history_len is not None
     encoder = FeatureEncoder.fit(users, items, uspecs, ispecs, history_len=cfg.history_len)
     user_table, item_table = encoder.encode_user_table(users), encoder.encode_item_table(items)
     reader = ShardReader(part, encoder, cfg.history_len)
@@ -340,7 +352,7 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
              "examples": int(total[4]), "shards": part.shards, "eval_users": ev_valid.n_users if ev_valid else 0}
     history = (np.concatenate(hist_u), np.concatenate(hist_i)) if hist_u else None
     return Prepared(data, split, encoder, batches, steps, counts[1:], history, bool(total[5] > 0), user_table,
-                    item_table, ev_valid, stats, stream_dir=sdir)
+                    item_table, ev_valid, stats, stream_dir=sdir, cfg=cfg, derived=derived)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -538,6 +550,7 @@ def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any]
 
 def total_steps(cfg: TrainConfig, steps: int) -> int:
     """Optimiser steps of the whole run: every epoch, or the ``max_steps`` budget if smaller."""
+    assert cfg.epochs is not None  # derived from the data by prepare_data
     return min(cfg.epochs * steps, cfg.max_steps) if cfg.max_steps else cfg.epochs * steps
 
 
@@ -673,6 +686,7 @@ def write_config(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built) ->
         "tower": cfg.tower_config().to_dict(),
         "dataset": prep.stats,
         "sampler": built.sampler.describe(),
+        "derived": prep.derived,  # {setting: {value, why}} for the settings the data decided
     })
 
 
@@ -721,6 +735,7 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
         "peak_rss_mb": rss[0],
         "peak_rss_mb_per_rank": rss,
         "cuda_max_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "derived": prep.derived,
     }
     if resumed_from is not None:
         metrics["resumed_from_epoch"] = resumed_from
@@ -758,6 +773,10 @@ def run(cfg: TrainConfig) -> TrainResult:
 
         t_prep = time.perf_counter()
         prep = prepare_data(cfg, dist, run_dir)
+        cfg = prep.cfg  # with the settings derived from the data
+        assert cfg.epochs is not None
+        if run_dir.resuming:  # derived when the run started: its config.json says what and why
+            prep.derived = json.loads((run_dir.dir / "config.json").read_text()).get("derived", {})
         times = {"start": t_start, "prepare": time.perf_counter() - t_prep}
         built = build_model(cfg, prep, run_dir.version, device, dist)
         state = TrainState()

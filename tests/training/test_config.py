@@ -75,7 +75,9 @@ def test_every_tower_setting_reaches_the_towers() -> None:
     tower_fields = {f.name for f in dataclasses.fields(TowerConfig)} - {"extra"}
     assert tower_fields <= set(TrainConfig.model_fields), tower_fields - set(TrainConfig.model_fields)
     cfg = _parse("--model", "dssm", "--multi-pooling", "sum", "--item-id-embedding", "off", "--history", "off",
-                 "--dim", "24", "--emb-dim", "12", "--hidden", "48,24", "--dropout", "0.25")
+                 "--dim", "24", "--emb-dim", "12", "--hidden", "48,24", "--dropout", "0.25",
+                 "--history-len", "7", "--user-id", "off", "--history-encoder", "transformer",
+                 "--recency-half-life", "3", "--attention-heads", "3", "--attention-layers", "2")
     tc = cfg.tower_config()
     assert (tc.multi_pooling, tc.item_id_embedding, tc.use_history) == ("sum", False, False)
     assert (tc.model, tc.dim, tc.emb_dim, tc.hidden, tc.dropout) == ("dssm", 24, 12, (48, 24), 0.25)

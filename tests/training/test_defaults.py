@@ -17,8 +17,8 @@ def _stats(history_lengths: list[int], n_items: int = 1000) -> DataStats:
 
 
 def test_stats_read_the_history_length_distribution() -> None:
-    s = _stats([2] * 50 + [10] * 40 + [200] * 10)
-    assert (s.n_users, s.n_examples, s.n_items) == (100, 2500, 1000)
+    s = _stats([2] * 40 + [10] * 50 + [200] * 10)
+    assert (s.n_users, s.n_examples, s.n_items) == (100, 2580, 1000)
     assert s.history_quantiles["p50"] == 10 and s.history_quantiles["p90"] == pytest.approx(29, abs=1)
 
 
@@ -52,3 +52,19 @@ def test_explicit_values_always_win() -> None:
     cfg = TrainConfig(**explicit)
     out, chosen = derive(cfg, _stats([3] * 1000))
     assert chosen == {} and all(getattr(out, f) == v for f, v in explicit.items())
+
+
+def test_the_training_job_records_what_it_derived_and_why(tmp_path) -> None:
+    import json
+
+    from training.train import run
+
+    res = run(TrainConfig(data="synthetic", data_options={"size": "tiny"}, dim=8, hidden=(16,), num_threads=1,
+                          artifacts=str(tmp_path), quiet=True, history_len=4, patience=1))
+    doc = json.loads((res.dir / "config.json").read_text())
+    derived = doc["derived"]
+    assert set(derived) == {"epochs", "use_user_id"}  # history_len was given: not derived
+    assert doc["train"]["history_len"] == 4 and doc["tower"]["history_len"] == 4
+    for name, c in derived.items():
+        assert doc["train"][name] == c["value"] and c["why"]
+    assert json.loads((res.dir / "metrics.json").read_text())["derived"] == derived
