@@ -51,20 +51,19 @@ def parse_budget(text: str) -> float:
 # The searched settings: name -> how a trial picks it. Kept small enough for TPE to learn within
 # ten minutes of ~30-60 s trials; every range holds the shipped default.
 def suggest(trial: Any) -> dict[str, Any]:
-    p: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", 5e-4, 2e-2, log=True),
-        "temperature": trial.suggest_float("temperature", 0.02, 0.2, log=True),
-        "dim": trial.suggest_categorical("dim", [32, 64, 128]),
-        "history_len": trial.suggest_int("history_len", 3, 100, log=True),
-        "history_encoder": trial.suggest_categorical("history_encoder", ["mean", "recency", "attention"]),
+    return {
+        "lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True),
+        "temperature": trial.suggest_float("temperature", 0.03, 0.15, log=True),
+        "dim": trial.suggest_categorical("dim", [64, 128]),
+        "history_len": trial.suggest_int("history_len", 5, 100, log=True),
+        "history_encoder": trial.suggest_categorical("history_encoder", ["recency", "attention", "mean"]),
         "use_user_id": trial.suggest_categorical("use_user_id", [True, False]),
         "user_id_dropout": trial.suggest_float("user_id_dropout", 0.0, 0.5),
-        "negatives": trial.suggest_categorical("negatives", ["inbatch", "mixed"]),
-        "epochs": trial.suggest_int("epochs", 2, 10),
+        "negatives": trial.suggest_categorical("negatives", ["mixed", "inbatch"]),
+        "epochs": trial.suggest_int("epochs", 3, 12),
         "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
         "dropout": trial.suggest_float("dropout", 0.0, 0.3),
     }
-    return p
 
 
 @dataclass
