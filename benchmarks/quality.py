@@ -77,8 +77,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "user id on": {"use_user_id": True},
     "user id off": {"use_user_id": False},
     "no item features": {"use_item_features": False},
-    "dim 128": {"dim": 128},
-    "temperature 0.1": {"temperature": 0.1},
     "dssm": {"model": "dssm"},
 }
 REFERENCES = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn")
@@ -405,12 +403,22 @@ def render_markdown(store: dict[str, Any]) -> str:
         cells = [_fmt(_ratio(store, d, row), 2) for d in names]
         w, wd = worst(row)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | **{_fmt(w, 2)}**{f' ({wd})' if wd else ''} |")
+    ses = []
+    for d in names:
+        rows, users = store["datasets"][d]["rows"], store["datasets"][d]["stats"]["test_users"]
+        hr, ease = _hr(rows.get("ours")), _hr(rows.get("ease"))
+        ses.append(float(np.sqrt(hr * (1 - hr) / users) / ease) if hr is not None and ease and users else None)
+    lines.append("| 1 standard error of a ratio (binomial, test users) | " + " | ".join(_fmt(x, 3) for x in ses) + " | |")
     times = [store["datasets"][d]["rows"].get("ours", {}).get("train_s") for d in names]
     lines.append("| ours, defaults: train s (2 cores) | " + " | ".join(_fmt(t, 1) for t in times) +
                  f" | **{_fmt(max((t for t in times if t is not None), default=None), 1)}** |")
     w_def, wd_def = worst("ours")
     w_tun, wd_tun = worst("tuned")
     slowest = max((t for t in times if t is not None), default=None)
+    if not any(store["datasets"][d]["rows"].get("rechub-dssm") for d in names):
+        lines += ["", "torch-rechub was not re-run for this report (`--skip-rechub`; its two models take ~4 minutes "
+                  "a dataset). Its last measurement, MovieLens-100k on 2026-11-23 with the same split and "
+                  "evaluator: DSSM 0.61x EASE, YoutubeDNN 0.16x EASE (`git log -p benchmarks/results/quality.md`)."]
     lines += ["", "Targets:",
               f"- defaults >= {DEFAULTS_TARGET:.2f}x EASE on every dataset: worst {_fmt(w_def, 2)} ({wd_def or '-'}) -> "
               f"**{'met' if w_def is not None and w_def >= DEFAULTS_TARGET else 'NOT met'}**; each trained in <= "
