@@ -72,12 +72,12 @@ BASELINE = "youtubednn-mean"
 VARIANTS: dict[str, dict[str, Any]] = {
     BASELINE: {"history_encoder": "mean"},
     "pre-#11 defaults": {"history_encoder": "mean", "history_len": 5, "use_user_id": True, "epochs": 4},
-    "attention": {"history_encoder": "attention"},
+    "recency": {"history_encoder": "recency"},
     "transformer": {"history_encoder": "transformer"},
-    "user id on": {"use_user_id": True},
-    "user id off": {"use_user_id": False},
-    "no item features": {"use_item_features": False},
-    "dssm": {"model": "dssm"},
+    "recency, user id on": {"history_encoder": "recency", "use_user_id": True},
+    "recency, user id off": {"history_encoder": "recency", "use_user_id": False},
+    "recency, no item features": {"history_encoder": "recency", "use_item_features": False},
+    "recency, dssm": {"history_encoder": "recency", "model": "dssm"},
 }
 REFERENCES = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn")
 ALL_ROWS = (*REFERENCES, "ours", *VARIANTS, "tuned")
@@ -430,10 +430,12 @@ def render_markdown(store: dict[str, Any]) -> str:
 
     # ---- what each option adds
     lines += ["## What each option adds (HR@50 / EASE)", "",
-              "Each row is the shipped defaults with one change: `youtubednn-mean` pools the history by a plain mean "
+              "Each row is the shipped defaults (attention pooling, history length, epochs and user id derived "
+              "from the data) with the change its name says: `youtubednn-mean` pools the history by a plain mean "
               "(the YoutubeDNN baseline); `pre-#11 defaults` is what shipped before (mean of the last 5 items, user "
-              "id on, 4 epochs); the others swap the history encoder, force the user id on or off (the defaults "
-              "derive it), drop the item content features, or change one knob. `dssm` is the DSSM item tower.", "",
+              "id on, 4 epochs); `recency` and `transformer` swap the encoder; the `recency, ...` rows then force "
+              "the user id on or off (the defaults derive it), drop the item content features, or use the DSSM item "
+              "tower.", "",
               "| variant | " + " | ".join(names) + " | worst |", "|---" * (len(names) + 2) + "|",
               "| **defaults** | " + " | ".join(_fmt(_ratio(store, d, "ours"), 2) for d in names) +
               f" | {_fmt(worst('ours')[0], 2)} |"]

@@ -60,7 +60,7 @@ class TrainConfig(JobConfig):
     temperature: PositiveFloat = 0.05
     # None = derived from the data at train time (training/defaults.py; logged and kept in config.json)
     history_len: PositiveInt | None = None  # items the user tower reads; None: from the users' history lengths
-    history_encoder: HistoryEncoder = "recency"  # how the user tower pools the history (towers.model)
+    history_encoder: HistoryEncoder = "attention"  # how the user tower pools the history (towers.model)
     recency_half_life: PositiveFloat = 8.0  # recency: the starting half-life of its learned weights, in items
     attention_heads: PositiveInt = 2        # transformer: heads per layer
     attention_layers: PositiveInt = 1       # transformer: layers

@@ -9,9 +9,9 @@ records them in the model's ``config.json`` and ``metrics.json`` under ``derived
 The rules (each checked on the quality benchmark's four datasets, BENCHMARKS.md):
 
 - ``history_len``: the 90th percentile of the users' history lengths, within [5, 50]. The
-  recency-weighted encoder learns how fast older items fade, so a window that covers most users'
-  whole history costs little where the recent items matter most and helps where the whole history
-  does (EASE reads it all).
+  attention and recency encoders learn how much older items count, so a window that covers most
+  users' whole history costs little where the recent items matter most and helps where the whole
+  history does (EASE reads it all).
 - ``epochs``: about ``EXAMPLES_BUDGET`` training examples in all (at least 3, at most 12 epochs).
   Small data needs several passes for its many rarely seen ids; large data learns enough from
   fewer passes, and the 60 s budget holds either way.
