@@ -307,7 +307,7 @@ def run_dataset(cfg: QualityConfig, name: str) -> tuple[dict[str, Any], list[Row
     ev = build_eval_set(data, split, "test")
     per_user = data.interactions.groupby("user_id").size()
     per_item = data.interactions.groupby("item_id").size().reindex(data.items.index, fill_value=0)
-    stats = {"spec": spec.replace(str(REPO.parent), ".."), "users": len(data.users), "items": len(data.items),
+    stats = {"spec": spec.replace(f"{REPO}/", "").replace(str(REPO.parent), ".."), "users": len(data.users), "items": len(data.items),
              "interactions": len(data.interactions), "test_users": ev.n_users,
              "median_history": float(per_user.median()), "items_seen_le_5": float((per_item <= 5).mean()),
              "density": len(data.interactions) / max(1, len(data.users) * len(data.items)),
