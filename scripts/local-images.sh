@@ -57,9 +57,10 @@ make_images() {
             echo "local-images: debootstrap bookworm into $ROOT (a few minutes)"
             debootstrap --variant=minbase bookworm "$ROOT" "$MIRROR"
         fi
-        # the host's CA bundle, so pip and apt inside the images trust what the host trusts
+        # the host's CA bundle, so pip inside the images trusts what the host trusts; kept beside the
+        # system bundle, which installing ca-certificates in an image regenerates from Debian's list
         mkdir -p "$ROOT/etc/ssl/certs"
-        cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
+        cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/host-ca-bundle.crt"
         rm -rf "$ROOT"/var/cache/apt/archives/*.deb "$ROOT"/var/lib/apt/lists/*
         echo "local-images: importing $ROOT as $BASE"
         tar -C "$ROOT" -c . | docker import - "$BASE"
@@ -68,7 +69,7 @@ make_images() {
     local tidy='&& apt-get clean && rm -rf /var/lib/apt/lists/*'
     # pip in a virtualenv trusts its own CA list, not the system's: point it at the host's bundle
     have "$PYTHON_IMAGE" || build "$PYTHON_IMAGE" "$apt python3 python3-venv python-is-python3 $tidy
-ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt
+ENV LANG=C.UTF-8 PIP_CERT=/etc/ssl/host-ca-bundle.crt SSL_CERT_FILE=/etc/ssl/host-ca-bundle.crt
 CMD [\"python3\"]"
     have "$REDIS_IMAGE" || build "$REDIS_IMAGE" "$apt redis-server $tidy
 CMD [\"redis-server\", \"--protected-mode\", \"no\"]"

@@ -6,8 +6,8 @@ What it does, in order, reporting a timing for each step:
    jobs image can get CPU torch (the PyTorch index, or the local wheel pip already knows, served
    on 127.0.0.1 as a package index);
 2. builds the api and jobs images (BuildKit, through Compose v2) and reports the api image's size;
-3. brings up Redis, N api replicas and haproxy (`docker compose up`), under a project name of its
-   own, with free loopback ports; trains a model (synthetic data) and reindexes: bundle 1;
+3. trains a model (synthetic data) and reindexes (bundle 1), then brings up Redis, N api replicas
+   and haproxy (`docker compose up`), under a project name of its own, with free loopback ports;
 4. recalls through the load balancer;
 5. trains a second model, then reindexes under load: bundle 2 with a new (model, index) pair. Every
    answer must carry one of the two published pairs; no request may fail; both replicas must serve
@@ -362,17 +362,19 @@ def main(argv: list[str] | None = None) -> int:
         report["image_mb"] = {k: round(v / 1e6) for k, v in sizes.items()}
         log(f"image sizes: {report['image_mb']}")
 
-        timed("up (redis, replicas, lb)", stack.compose, "up", "-d", "--wait", "redis", "api", "lb", timeout=600)
-        replicas = stack.replica_urls()
-        report["replica_names"] = sorted(replicas)
-        if len(replicas) != args.replicas:
-            raise RuntimeError(f"expected {args.replicas} replicas, compose runs {sorted(replicas)}")
+        # the README's order: the jobs first (the first one creates the artifacts volume, owned by the
+        # images' user), then the replicas, which load the published bundle as they start
         train = ["--profile", "train", "run", "--rm", "train", "train", "--data", "synthetic", "--synthetic-size",
                  "tiny", "--epochs", "2", "--artifacts", "/artifacts", "--quiet"]
         reindex = ["--profile", "reindex", "run", "--rm", "reindex", "reindex", "--artifacts", "/artifacts",
                    "--n-eval-users", "50"]
         timed("train 1", stack.compose, *train)
         timed("reindex 1", stack.compose, *reindex)
+        timed("up (redis, replicas, lb)", stack.compose, "up", "-d", "--wait", "redis", "api", "lb", timeout=600)
+        replicas = stack.replica_urls()
+        report["replica_names"] = sorted(replicas)
+        if len(replicas) != args.replicas:
+            raise RuntimeError(f"expected {args.replicas} replicas, compose runs {sorted(replicas)}")
 
         def versions() -> dict[str, str | None]:
             out = {}
@@ -385,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                       lambda: (v := versions()) and len(set(v.values())) == 1 and None not in v.values() and v, 60,
                       "every replica to serve the first bundle")
         v1 = next(iter(first.values()))
+        wait_for(lambda: _post(f"{stack.url}/v1/recall", {"user_id": 1, "k": 10})[0] == 200, 60,
+                 "the balancer to have a replica in rotation")
         status, answer = _post(f"{stack.url}/v1/recall", {"user_id": 1, "k": 10})
         report["recall_through_lb"] = {"status": status, "items": len((answer or {}).get("items", [])),
                                        "index_version": (answer or {}).get("index_version")}
