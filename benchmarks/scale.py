@@ -11,7 +11,8 @@ Parts (each can be run alone; results are merged into ``.bench/scale.json`` and 
   Adagrad), SparseAdam, and dense AdamW on every row (the job before this change).
 - ``sizes``: synthetic data written as Parquet parts chunk by chunk (``write_synthetic_parts``) at each
   size, then ``twotower train`` streaming it in its own process, one thread, a fixed budget of
-  ``--steps`` optimiser steps: examples/s, seconds per epoch (examples of an epoch / examples/s),
+  ``--steps`` optimiser steps, with a user-id table (``--user-id on``): examples/s, seconds per epoch
+  (examples of an epoch / examples/s),
   peak RSS of the whole process (``/usr/bin/time``; the generator's too), test HR@50 on the
   10,000-user sample. Beside it, the dense-AdamW reference where it fits in the budget.
 - ``procs``: the same job with 1 process and with 2 (``--nproc 2``), one thread each, same budget
@@ -134,7 +135,10 @@ def data_dir(n_users: int, args: argparse.Namespace) -> tuple[Path, dict[str, An
 def train_cmd(data: Path, art: Path, args: argparse.Namespace, *extra: str, steps: int | None = None) -> list[str]:
     return [_py(), "-m", "twotower.cli", "--log-level", "INFO", "train", "--data", f"csv:{data}",
             "--artifacts", str(art), "--threads", "1", "--epochs", "1", "--max-steps", str(steps or args.steps),
-            "--batch-size", str(args.batch_size), "--eval-users", str(args.eval_users), "--quiet", *extra]
+            "--batch-size", str(args.batch_size), "--eval-users", str(args.eval_users), "--quiet",
+            # a user-id table in every run (synthetic users have ~5 rows, for which the data-derived default
+            # turns it off): the table that grows with the number of users is what this measures
+            "--user-id", "on", *extra]
 
 
 def train_once(name: str, data: Path, args: argparse.Namespace, *extra: str, steps: int | None = None,
