@@ -316,14 +316,15 @@ def stream_stats(part: Partitioned, n_items: int) -> Any:
     split holds out 2 rows of users with 3+), from the shards' user_id column alone."""
     from training.defaults import DataStats
 
-    counts: dict[Any, int] = {}
+    import pyarrow.compute as pc
+
+    counts = [np.zeros(0, dtype=np.int64)]
     for s in range(part.shards):
         d = part.shard_dir(s)
-        if d.is_dir():
-            for u, n in pd.Series(pq.read_table(d, columns=["user_id"]).column(0).to_numpy(
-                    zero_copy_only=False)).value_counts().items():
-                counts[u] = counts.get(u, 0) + int(n)
-    per_user = np.fromiter(counts.values(), dtype=np.int64, count=len(counts))
+        if d.is_dir():  # a shard holds every row of its users: its counts are theirs in full
+            counts.append(pc.value_counts(pq.read_table(d, columns=["user_id"]).column(0))
+                          .field("counts").to_numpy(zero_copy_only=False).astype(np.int64))
+    per_user = np.concatenate(counts)  # memory: one count per user, never one Python object per id
     train = np.where(per_user >= 3, per_user - 2, per_user)
     return DataStats.from_counts(train, n_items=n_items, n_interactions=int(per_user.sum()))
 
