@@ -314,9 +314,9 @@ class ShardData:
 def stream_stats(part: Partitioned, n_items: int) -> Any:
     """training.defaults.DataStats of partitioned data: every user's train rows (the leave-last-out
     split holds out 2 rows of users with 3+), from the shards' user_id column alone."""
-    from training.defaults import DataStats
-
     import pyarrow.compute as pc
+
+    from training.defaults import DataStats
 
     counts = [np.zeros(0, dtype=np.int64)]
     for s in range(part.shards):
