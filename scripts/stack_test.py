@@ -88,6 +88,8 @@ def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
             return e.code, json.loads(e.read() or b"null")
         except ValueError:
             return e.code, None
+    except OSError:  # refused, reset, timed out: nobody answers there (a killed replica)
+        return 0, None
 
 
 # ------------------------------------------------------------------------------------------------

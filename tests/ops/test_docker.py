@@ -84,6 +84,9 @@ def test_replicas_wait_for_a_healthy_redis_and_are_served_on_8000_through_the_ba
 def test_redis_memory_is_bounded_and_evicts_cached_answers_before_histories(compose: dict[str, Any]) -> None:
     cmd = compose["services"]["redis"]["command"]
     assert "--maxmemory" in cmd and cmd[cmd.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    # the replicas reach Redis over the stack's network: a Redis with protected mode refuses them
+    # (seen in the stack test: the bundle notice was DENIED and replicas only caught up by polling)
+    assert cmd[cmd.index("--protected-mode") + 1] == "no"
 
 
 def test_monitoring_profile_scrapes_every_replica_and_the_dashboard_reads_real_metrics(compose: dict[str, Any]) -> None:
