@@ -13,9 +13,9 @@ How the pieces are synchronised (what DistributedDataParallel does and does not 
   not ("NCCL does not support all_reduce with sparse tensors", ProcessGroupNCCL::allreduce_sparse;
   pytorch/pytorch#22400 is still open), so on CUDA the job opens a gloo group beside the NCCL one
   for them. Doing it the same way on both backends keeps one path, tested on the CPU;
-- in-batch negatives: each rank's item vectors are gathered with torch's functional
-  ``all_gather_single`` (what ``torch.distributed.nn.functional.all_gather`` now defers to), whose
-  backward sums every rank's gradient back into the rank that produced the vector.
+- in-batch negatives: each rank's item vectors are gathered with
+  ``torch.distributed.nn.functional.all_gather``, whose backward sums every rank's gradient back
+  into the rank that produced the vector.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,12 +103,14 @@ class Dist:
         """Every rank's ``t`` (same shape on all ranks), in rank order; gradients flow back."""
         if not self.active:
             return [t]
-        import torch.distributed as dist
-        from torch.distributed._functional_collectives import all_gather_single
+        from torch.distributed.nn.functional import all_gather
 
-        # (W * n, ...) with autograd: backward reduce-scatters (sums) the gradient back to its rank
-        world: Any = dist.group.WORLD
-        return list(all_gather_single(t.contiguous(), 0, world).chunk(self.world))
+        # synchronous, with autograd: its backward sums every rank's gradient back into this rank's
+        # tensor. (torch now points at the asynchronous functional all_gather_single instead: with
+        # gloo it crashed one 2-rank run in six here, SIGSEGV mid-epoch; this one never has.)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+            return list(all_gather(t.contiguous()))
 
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape), in rank order; no gradient."""
