@@ -106,8 +106,8 @@ class Dist:
         from torch.distributed.nn.functional import all_gather
 
         # synchronous, with autograd: its backward sums every rank's gradient back into this rank's
-        # tensor. (torch now points at the asynchronous functional all_gather_single instead: with
-        # gloo it crashed one 2-rank run in six here, SIGSEGV mid-epoch; this one never has.)
+        # tensor. (torch now points at the asynchronous functional all_gather_single instead; with it,
+        # one 2-rank gloo run in six here died of SIGSEGV mid-epoch, a cause not pinned down.)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
             return list(all_gather(t.contiguous()))
