@@ -17,7 +17,7 @@ SECTIONS = [
     ("serve.md", "python benchmarks/serve.py"),
     ("replicas.md", "python benchmarks/replicas.py"),
     ("redis_client.md", "python benchmarks/redis_client.py (at commit 8b43a64, before service/resp.py was removed)"),
-    ("scale.md", "flock /work/coord/cpu.lock python benchmarks/scale.py"),
+    ("scale.md", "python benchmarks/scale.py"),
     ("gpu.md", "python benchmarks/gpu.py (on a machine with a CUDA GPU; the reference machine has none)"),
 ]
 

@@ -20,8 +20,8 @@ headline is the WORST ratio to EASE over the datasets. Results accumulate in ``.
 
 The torch-rechub virtualenv lives in ``.bench/rechub-venv`` (gitignored): created with this
 interpreter, then ``pip install torch==2.13.0`` FIRST (so pip never pulls another torch build),
-then ``pip install torch-rechub==0.9.0`` from PyPI. Run the whole script under the shared CPU lock
-(``flock /work/coord/cpu.lock``): training times only mean something on otherwise idle cores.
+then ``pip install torch-rechub==0.9.0`` from PyPI. Run it on otherwise idle cores: training times
+mean nothing when something else competes for them.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Training at the size users have: throughput, memory and quality from 100k to 5M users.
 
-    flock /work/coord/cpu.lock python benchmarks/scale.py [--parts quality,sizes,procs,rechub,reindex]
+    python benchmarks/scale.py [--parts quality,sizes,procs,rechub,reindex] [--quality-models M,..] [--quality-samplers S,..]
         [--sizes 100000,1000000,5000000] [--items 1000000] [--per-user 5] [--steps 1500] [--batch-size 1024]
 
 Parts (each can be run alone; results are merged into ``.bench/scale.json`` and rendered to
@@ -23,7 +23,7 @@ Parts (each can be run alone; results are merged into ``.bench/scale.json`` and 
 - ``reindex``: ``twotower reindex`` of the 1M-user model: embeds its 1M-item catalogue, builds and
   gates the index; wall time and peak RSS.
 
-Every measurement runs on a machine others share: take the CPU lock, as above.
+Run it on otherwise idle cores: every figure is a rate or a ratio of rates.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def part_quality(args: argparse.Namespace) -> dict[str, Any]:
 
     rows = []
     for data in (ML100K, MLSMALL):
-        for model in ("youtubednn", "dssm"):
-            for negatives in SAMPLERS:
+        for model in args.quality_models:
+            for negatives in args.quality_samplers:
                 kinds = ("rowwise_adagrad", "adamw") + (("sparse_adam",) if negatives == "mixed" else ())
                 for kind in kinds:
                     with tempfile.TemporaryDirectory(prefix="scale-q-") as tmp:
@@ -264,7 +264,7 @@ def render(res: dict[str, Any]) -> str:
     env = res.get("env", {})
     lines = ["## Training at scale: sparse id tables, streamed data, several processes", "",
              "`benchmarks/scale.py` (its docstring says how each part is measured). Every training run is "
-             "`twotower train` in its own process, one torch thread, under `flock /work/coord/cpu.lock`; peak RSS "
+             "`twotower train` in its own process, one torch thread, on otherwise idle cores; peak RSS "
              "is GNU time's maximum resident set of the whole process.", ""]
     q = res.get("quality")
     if q:
@@ -358,6 +358,9 @@ def render(res: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="quality,sizes,procs,rechub,reindex")
+    ap.add_argument("--quality-models", default="youtubednn,dssm", type=lambda t: [x for x in t.split(",") if x])
+    ap.add_argument("--quality-samplers", default=",".join(SAMPLERS), type=lambda t: [x for x in t.split(",") if x],
+                    help="negative samplers of the quality part (each a full training run per optimiser)")
     ap.add_argument("--sizes", default="100000,1000000,5000000",
                     type=lambda t: [int(x) for x in t.split(",") if x.strip()])
     ap.add_argument("--items", type=int, default=1_000_000)
