@@ -102,7 +102,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--model")
     flag("--dim", help="retrieval embedding dimension")
     flag("--emb-dim", help="id/history embedding width (default: --dim; must equal it to tie embeddings)")
-    flag("--hidden", help="tower MLP hidden sizes, comma-separated")
+    flag("--hidden", help="tower MLP hidden sizes, comma-separated; '' = one linear layer (default: by model, "
+                          "none for youtubednn, 256 for dssm)")
     flag("--dropout")
     flag("--temperature", help="logits = cosine / T")
     flag("--history-len", help="recent items the user tower reads (default: derived from the users' history "

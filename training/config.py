@@ -32,6 +32,8 @@ _RUNTIME_FIELDS = ("artifacts", "device", "quiet", "num_threads", "stop_after_ep
                    "loader_workers")
 EmbeddingOptimizer = Literal["rowwise_adagrad", "sparse_adam", "adamw"]
 EMBEDDING_OPTIMIZERS: tuple[str, ...] = get_args(EmbeddingOptimizer)
+# the towers' hidden layers when none are given, by model: YoutubeDNN a linear map, DSSM one ReLU layer
+MODEL_HIDDEN: dict[str, tuple[int, ...]] = {"youtubednn": (), "dssm": (256,)}
 # row-wise Adagrad's learning rate when none is given (the Adam-style ones default to ``lr``): 0.1 had
 # the best validation HR@50 of 0.01, 0.03, 0.1, 0.3 for both YoutubeDNN and DSSM on ML-100k
 ROWWISE_ADAGRAD_LR = 0.1
@@ -55,9 +57,12 @@ class TrainConfig(JobConfig):
     dim: PositiveInt = 64                   # output (retrieval) dimension
     emb_dim: PositiveInt | None = None      # id/history embedding width; None = dim (needed for tying)
     feature_dim: PositiveInt = 16
-    hidden: tuple[PositiveInt, ...] = (256,)
+    # the towers' MLP hidden layers; None: by model (MODEL_HIDDEN). YoutubeDNN's towers default to
+    # one linear layer over the pooled history and features: with the temperature at 0.12 that beat a
+    # 256-unit ReLU layer on all four quality datasets (BENCHMARKS.md, "what each option adds")
+    hidden: tuple[PositiveInt, ...] | None = None
     dropout: Fraction = 0.0
-    temperature: PositiveFloat = 0.05
+    temperature: PositiveFloat = 0.12       # logits = cosine / T; 0.12 had the best worst-case ratio to EASE of 0.05-0.15
     # None = derived from the data at train time (training/defaults.py; logged and kept in config.json)
     history_len: PositiveInt | None = None  # items the user tower reads; None: from the users' history lengths
     history_encoder: HistoryEncoder = "attention"  # how the user tower pools the history (towers.model)
@@ -108,9 +113,12 @@ class TrainConfig(JobConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _emb_dim_defaults_to_dim(cls, values: Any) -> Any:
+    def _defaults_that_follow_other_fields(cls, values: Any) -> Any:
         if isinstance(values, dict) and values.get("emb_dim") is None:
             values = {**values, "emb_dim": values.get("dim", cls.model_fields["dim"].default)}
+        if isinstance(values, dict) and values.get("hidden") is None:
+            model = values.get("model", cls.model_fields["model"].default)
+            values = {**values, "hidden": MODEL_HIDDEN.get(model, (256,))}
         return values
 
     @property

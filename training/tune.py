@@ -53,7 +53,9 @@ def parse_budget(text: str) -> float:
 def suggest(trial: Any) -> dict[str, Any]:
     return {
         "lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True),
-        "temperature": trial.suggest_float("temperature", 0.03, 0.15, log=True),
+        "temperature": trial.suggest_float("temperature", 0.05, 0.3, log=True),
+        # 0: one linear layer (YoutubeDNN's default), 256: one ReLU layer of 256 (DSSM's)
+        "hidden": (lambda h: (h,) if h else ())(trial.suggest_categorical("hidden", [0, 256])),
         "dim": trial.suggest_categorical("dim", [64, 128]),
         "history_len": trial.suggest_int("history_len", 5, 100, log=True),
         "history_encoder": trial.suggest_categorical("history_encoder", ["recency", "attention", "mean"]),

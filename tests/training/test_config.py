@@ -68,6 +68,18 @@ def test_emb_dim_follows_dim_unless_given() -> None:
     assert TrainConfig(dim=24, emb_dim=8).emb_dim == 8
 
 
+def test_hidden_layers_follow_the_model_unless_given() -> None:
+    # YoutubeDNN: one linear layer per tower; DSSM: a ReLU layer of 256; a value given always wins
+    assert TrainConfig().hidden == () and TrainConfig(model="dssm").hidden == (256,)
+    assert TrainConfig(model="dssm", hidden=()).hidden == () and TrainConfig(hidden=(64,)).hidden == (64,)
+    ns = build_parser().parse_args(["train", "--hidden", ""])
+    assert ns.hidden == ()
+    ns = build_parser().parse_args(["train", "--model", "dssm"])
+    assert TrainConfig(model=ns.model, hidden=ns.hidden).tower_config().hidden == (256,)
+    # and that is what the towers are built from
+    assert TrainConfig().tower_config().hidden == ()
+
+
 def test_every_tower_setting_reaches_the_towers() -> None:
     """tower_config() once dropped multi_pooling and item_id_embedding: training could not set them."""
     from towers.model import TowerConfig
