@@ -260,8 +260,12 @@ def _f(x: Any, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
 
 
+def run_of(res: dict[str, Any], part: str) -> dict[str, Any]:
+    """The run that measured ``part`` (results from before runs were kept per part: the one run)."""
+    return res.get(part, {}).get("run") or {**res.get("env", {}), "args": res.get("args", {})}
+
+
 def render(res: dict[str, Any]) -> str:
-    env = res.get("env", {})
     lines = ["## Training at scale: sparse id tables, streamed data, several processes", "",
              "`benchmarks/scale.py` (its docstring says how each part is measured). Every training run is "
              "`twotower train` in its own process, one torch thread, on otherwise idle cores; peak RSS "
@@ -292,9 +296,11 @@ def render(res: dict[str, Any]) -> str:
         lines.append("")
     s = res.get("sizes")
     if s:
+        a = run_of(res, "sizes")["args"]
         lines += ["### Sizes: 1 process, 1 thread, streamed from Parquet parts", "",
-                  f"Budget: {res['args']['steps']} optimiser steps of {res['args']['batch_size']} examples "
-                  f"(`--max-steps`), then validation and test on a {res['args']['eval_users']:,}-user sample "
+                  f"Budget: {a['steps']} optimiser steps of {a['batch_size']} examples "
+                  f"(`--max-steps`; a smaller data set's one epoch if shorter), then validation and test on a "
+                  f"{a['eval_users']:,}-user sample "
                   "against the whole catalogue.", "",
                   "| users | items | interactions | generate s (peak RSS MiB) | prepare s | examples/s | s/epoch "
                   "| peak RSS MiB | test HR@50 | dense adamw examples/s |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -349,9 +355,16 @@ def render(res: dict[str, Any]) -> str:
                   f"`twotower reindex` of the {ri['users']:,}-user model: {_f(ri.get('n_items') or ri['items'])} items "
                   f"embedded, index `{(ri.get('recipe') or {}).get('factory', '?')}` built and gated (recall "
                   f"{_f(ri.get('recall'), 3)}): {_f(ri['wall_s'])} s wall, peak RSS {_f(ri['peak_rss_mb'])} MiB.", ""]
-    lines += [f"Machine: {env.get('machine', '?')}; torch {env.get('torch', '?')}; run at {env.get('when', '?')} "
-              f"with `python benchmarks/scale.py{env.get('argv', '')}`; 1-min load average "
-              f"{env.get('load_start', '?')} at the start, {env.get('load_end', '?')} at the end.", ""]
+    runs: dict[str, list[str]] = {}
+    for part in ("quality", "sizes", "procs", "rechub", "reindex"):
+        if part in res:
+            r = run_of(res, part)
+            key = (f"{r.get('machine', '?')}; torch {r.get('torch', '?')}; run at {r.get('when', '?')} with "
+                   f"`python benchmarks/scale.py{r.get('argv', '')}`; 1-min load average {r.get('load_start', '?')} "
+                   f"at the start, {r.get('load_end', '?')} at the end")
+            runs.setdefault(key, []).append(part)
+    lines += ["Runs (each part keeps the run that measured it):", ""]
+    lines += [f"- {', '.join(parts)}: {key}." for key, parts in runs.items()] + [""]
     return "\n".join(lines)
 
 
@@ -382,12 +395,13 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-        results["env"] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                     f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
-                          "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                          "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
-                          "load_start": round(os.getloadavg()[0], 1)}
-        results["args"] = {k: v for k, v in vars(args).items() if k != "rerender"}
+        # each part keeps the run that measured it (a later run of other parts leaves it as it was)
+        run_info = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                               f"{'CUDA' if torch.cuda.is_available() else 'no GPU'}",
+                    "torch": torch.__version__, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                    "argv": "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:])),
+                    "load_start": round(os.getloadavg()[0], 1),
+                    "args": {k: v for k, v in vars(args).items() if k != "rerender"}}
         for part in parts:
             log.info("== %s", part)
             if part == "quality":
@@ -402,10 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                 results["reindex"] = part_reindex(args, results)
             else:
                 raise SystemExit(f"unknown part {part!r}")
+            results[part]["run"] = {**run_info, "load_end": round(os.getloadavg()[0], 1)}
             OUT_JSON.parent.mkdir(parents=True, exist_ok=True)
             OUT_JSON.write_text(json.dumps(results, indent=2, default=str))
-        results["env"]["load_end"] = round(os.getloadavg()[0], 1)
-        OUT_JSON.write_text(json.dumps(results, indent=2, default=str))
     OUT_MD.parent.mkdir(parents=True, exist_ok=True)
     OUT_MD.write_text(render(results))
     log.info("wrote %s", OUT_MD)

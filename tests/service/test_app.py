@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 
+from index.bundle import channel
 from tests.factories import histories_of, make_model, make_world, publish_bundle
 from tests.service.helpers import eventually, running, settings_for
 
@@ -246,7 +248,9 @@ def test_hot_reload_by_notice_and_by_polling(
         # pub/sub only (no polling)
         async with running(settings_for(artifacts, redis_url, redis_prefix)) as c:
             assert await version(c) == "20250101T000000Z-000001"
-            await asyncio.sleep(0.2)  # let the listener subscribe
+            # the notice is only heard once the server's listener has subscribed: wait for that event
+            with redis.Redis.from_url(redis_url) as r:
+                await eventually(lambda: r.pubsub_numsub(channel(redis_prefix))[0][1] >= 1)
             await asyncio.to_thread(publish_bundle, artifacts, world, model, index_version="20250101T000000Z-000002",
                                     redis_url=redis_url, prefix=redis_prefix)
             await eventually(lambda: _is(version(c), "20250101T000000Z-000002"))
