@@ -28,7 +28,8 @@ PAUSE = (2, 1)  # the victim stops after step 1 of epoch 2: epoch 1 is saved, ep
 # what the uninterrupted run below gets through its config, spelled as CLI flags
 CLI = ["--data", "synthetic", "--synthetic-size", "tiny", "--data-seed", "0", "--dim", "16", "--hidden", "32",
        "--history-len", "10", "--epochs", str(EPOCHS), "--batch-size", "256", "--num-negatives", "64",
-       "--hard-negatives", "8", "--seed", str(SEED), "--threads", "1", "--patience", "10", "--quiet"]
+       "--hard-negatives", "8", "--temperature", "0.05", "--seed", str(SEED), "--threads", "1", "--patience", "10",
+       "--quiet"]
 RUNTIME = {"artifacts", "device", "quiet", "num_threads", "stop_after_epoch", "resume", "pause_at"}
 
 
