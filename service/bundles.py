@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from service.pipeline import ItemId, ServingBundle
+from towers.features import PAD
 
 
 def from_loaded(lb: Any) -> ServingBundle:
@@ -24,12 +25,12 @@ def from_loaded(lb: Any) -> ServingBundle:
     profiles: dict[str, dict[str, Any]] = lb.user_features
     histories: dict[str, list[ItemId]] = lb.histories
     seen: dict[str, frozenset[ItemId]] = lb.seen
-    encoder_users = set(lb.model.encoder.user_ids)
+    encoder = lb.model.encoder  # its compact id index answers 'known?' without a set of every id
     empty: list[ItemId] = []
     no_items: frozenset[ItemId] = frozenset()
 
     def known(uid: str) -> bool:
-        return uid in profiles or uid in histories or uid in encoder_users
+        return uid in profiles or uid in histories or encoder.user_row(uid) != PAD
 
     def similar(item_id: ItemId, k: int) -> tuple[np.ndarray, list[ItemId]]:
         items, scores = lb.similar_items(item_id, k)

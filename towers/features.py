@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from towers.idindex import SEP, IdIndex
 from towers.schema import FeatureSpec, normalize_user_id, split_multi
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class Vocab:
         return Vocab(tokens=[str(t) for t in d["tokens"]], hash_buckets=int(d.get("hash_buckets", 0)))
 
 
-_ID_SEP = "\x00"
+_ID_SEP = SEP
 _PACK_AT = 10_000
 
 
@@ -80,6 +81,13 @@ def _pack_ids(ids: list[str]) -> list[str] | dict[str, Any]:
         if text.count(_ID_SEP) == len(ids) - 1:
             return {"joined": text, "sep": _ID_SEP, "count": len(ids)}
     return list(ids)
+
+
+def _unpack_user_ids(value: Any) -> IdIndex:
+    if isinstance(value, dict):  # straight from the joined text: never one str object per user
+        return IdIndex.joined(value["joined"], int(value["count"])) if value["sep"] == SEP else IdIndex.of(
+            _unpack_ids(value))
+    return IdIndex.of([str(u) for u in value])
 
 
 def _unpack_ids(value: Any) -> list[Any]:
@@ -106,18 +114,18 @@ class FeatureEncoder:
     """
 
     def __init__(self, *, user_features: list[FeatureSpec], item_features: list[FeatureSpec],
-                 user_ids: list[str], item_ids: list[Any], item_id_is_int: bool,
+                 user_ids: Iterable[str] | IdIndex, item_ids: list[Any], item_id_is_int: bool,
                  vocabs: dict[str, Vocab], numeric_stats: dict[str, tuple[float, float]],
                  history_len: int = 50) -> None:
         self.user_features = list(user_features)
         self.item_features = list(item_features)
-        self.user_ids = [str(u) for u in user_ids]
+        # the users' rows: a compact index, not a dict (at 5M users a dict of str -> int is ~0.6 GB)
+        self._users = user_ids if isinstance(user_ids, IdIndex) else IdIndex.of([str(u) for u in user_ids])
         self.item_ids = [int(i) for i in item_ids] if item_id_is_int else [str(i) for i in item_ids]
         self.item_id_is_int = item_id_is_int
         self.vocabs = vocabs
         self.numeric_stats = numeric_stats
         self.history_len = int(history_len)
-        self._user_row = {u: i + 1 for i, u in enumerate(self.user_ids)}
         self._item_row = {i: r + 1 for r, i in enumerate(self.item_ids)}
 
     # ---------------------------------------------------------------- fitting and serialisation
@@ -161,7 +169,7 @@ class FeatureEncoder:
         return {
             "user_features": [s.to_dict() for s in self.user_features],
             "item_features": [s.to_dict() for s in self.item_features],
-            "user_ids": _pack_ids(self.user_ids),
+            "user_ids": self._users.packed() or self._users.tolist(),
             "item_ids": self.item_ids if self.item_id_is_int else _pack_ids([str(i) for i in self.item_ids]),
             "item_id_is_int": self.item_id_is_int,
             "vocabs": {k: v.to_dict() for k, v in self.vocabs.items()},
@@ -174,7 +182,7 @@ class FeatureEncoder:
         return cls(
             user_features=[FeatureSpec.from_dict(s) for s in d["user_features"]],
             item_features=[FeatureSpec.from_dict(s) for s in d["item_features"]],
-            user_ids=_unpack_ids(d["user_ids"]), item_ids=_unpack_ids(d["item_ids"]),
+            user_ids=_unpack_user_ids(d["user_ids"]), item_ids=_unpack_ids(d["item_ids"]),
             item_id_is_int=bool(d["item_id_is_int"]),
             vocabs={k: Vocab.from_dict(v) for k, v in d["vocabs"].items()},
             numeric_stats={k: (float(v[0]), float(v[1])) for k, v in d["numeric_stats"].items()},
@@ -183,8 +191,13 @@ class FeatureEncoder:
 
     # ---------------------------------------------------------------- sizes for the towers
     @property
+    def user_ids(self) -> list[str]:
+        """Every known user id in row order (row = position + 1); a new list on each call."""
+        return self._users.tolist()
+
+    @property
     def n_user_rows(self) -> int:
-        return len(self.user_ids) + 1
+        return len(self._users) + 1
 
     @property
     def n_item_rows(self) -> int:
@@ -230,12 +243,18 @@ class FeatureEncoder:
         if user_id is None:
             return PAD
         try:
-            return self._user_row.get(normalize_user_id(user_id), PAD)
+            return self._users.row(normalize_user_id(user_id))
         except ValueError:
             return PAD
 
     def user_rows(self, user_ids: Iterable[Any]) -> np.ndarray:
-        return np.fromiter((self.user_row(u) for u in user_ids), dtype=np.int64)
+        keys: list[Any] = []
+        for u in user_ids:
+            try:
+                keys.append(None if u is None else normalize_user_id(u))
+            except ValueError:
+                keys.append(None)  # never an id: row 0
+        return self._users.rows(keys)
 
     # ---------------------------------------------------------------- encoding
     def _encode_side(self, side: str, specs: list[FeatureSpec], rows: Sequence[Mapping[str, Any] | None],
@@ -307,11 +326,13 @@ class FeatureEncoder:
     def encode_user_table(self, users: pd.DataFrame) -> dict[str, torch.Tensor]:
         """Side features of every known user in user-row order (row 0 = unknown user), for
         training loops that gather feature rows by index instead of re-encoding per batch."""
-        import pandas as pd
-
-        ids = np.asarray([normalize_user_id(u) for u in users.index], dtype=object)
-        if len(ids) != len(self.user_ids) or not (ids == np.asarray(self.user_ids, dtype=object)).all():
-            users = users.set_axis(pd.Index(ids, dtype=object)).reindex(self.user_ids)
+        rows = self.user_rows(users.index)
+        if len(rows) != len(self._users) or not (rows == np.arange(1, len(rows) + 1)).all():
+            # one table row per known user, in row order; users the table lacks get missing features
+            at = np.full(len(self._users), -1, dtype=np.int64)
+            known = rows > 0
+            at[rows[known] - 1] = np.flatnonzero(known)
+            users = users.reset_index(drop=True).reindex(at)
         out = self._encode_table("user", self.user_features, users)
         out["user_row"] = np.arange(self.n_user_rows, dtype=np.int64)
         return _tensors(out)

@@ -45,8 +45,9 @@ if TYPE_CHECKING:  # torch is imported lazily so `twotower --help` stays fast
 log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 50, 100)
-# upper bound on the elements of one (B, T, N) comparison block; ~64 MB of bools
-_BLOCK_ELEMS = 1 << 26
+# users per scoring block: about this many (user, target, item) elements; at a 1M-item catalogue
+# that is 16 users, 64 MB of scores and as much again for the masked copy
+_BLOCK_ELEMS = 1 << 24
 
 MaskMode = Literal["both", "raw", "masked"]
 # a scorer: positions into EvalSet.user_ids (int64, (B,)) -> scores (B, N_items), numpy or torch
@@ -265,16 +266,19 @@ def target_ranks(scores: torch.Tensor, tgt_cols: torch.Tensor) -> torch.Tensor:
     """0-based rank of each target column among all N columns: (B, N), (B, T) -> (B, T).
 
     rank = #items scoring strictly higher + #items scoring equal that come earlier in the catalogue.
+    One target column at a time: the temporaries are (B, N) booleans, never (B, T, N).
     """
     import torch
 
-    B, N = scores.shape
+    N = scores.shape[1]
     t = scores.gather(1, tgt_cols)  # (B, T)
-    col = torch.arange(N).view(1, 1, N)
-    s = scores.unsqueeze(1)  # (B, 1, N)
-    tt = t.unsqueeze(2)  # (B, T, 1)
-    ahead = (s > tt) | ((s == tt) & (col < tgt_cols.unsqueeze(2)))  # (B, T, N)
-    return ahead.sum(dim=2)
+    col = torch.arange(N).view(1, N)
+    out = torch.empty_like(tgt_cols)
+    for j in range(tgt_cols.shape[1]):
+        tj = t[:, j:j + 1]  # (B, 1)
+        ties_ahead = ((scores == tj) & (col < tgt_cols[:, j:j + 1])).sum(1)
+        out[:, j] = (scores > tj).sum(1) + ties_ahead
+    return out
 
 
 def _per_user_metrics(ranks: torch.Tensor, valid: torch.Tensor, ks: Sequence[int]) -> dict[str, np.ndarray]:

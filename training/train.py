@@ -277,6 +277,7 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
         ShardReader,
         eval_sample,
         partition,
+        release_freed_memory,
         sample_recdata,
         shard_count,
         side_tables,
@@ -299,6 +300,8 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
             part.save()
             if not run.resuming:
                 write_stream_snapshot(part, users, items, ddir)
+            del users, items, user_ids, item_texts
+            release_freed_memory()
     dist.barrier()
     part = Partitioned.load(sdir)
     users = pd.read_parquet(ddir / "users.parquet")
@@ -351,6 +354,7 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
              "train_rows": int(total[1]), "valid_rows": int(total[2]), "test_rows": int(total[3]),
              "examples": int(total[4]), "shards": part.shards, "eval_users": ev_valid.n_users if ev_valid else 0}
     history = (np.concatenate(hist_u), np.concatenate(hist_i)) if hist_u else None
+    release_freed_memory()
     return Prepared(data, split, encoder, batches, steps, counts[1:], history, bool(total[5] > 0), user_table,
                     item_table, ev_valid, stats, stream_dir=sdir, cfg=cfg, derived=derived)
 
