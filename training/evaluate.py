@@ -36,6 +36,7 @@ import pandas as pd
 
 from towers.artifacts import atomic_write_json, resolve_model_dir
 from towers.schema import DataError
+from training.memory import release_freed_memory
 
 if TYPE_CHECKING:  # torch is imported lazily so `twotower --help` stays fast
     import torch
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KS: tuple[int, ...] = (10, 50, 100)
 # users per scoring block: about this many (user, target, item) elements; at a 1M-item catalogue
-# that is 16 users, 64 MB of scores and as much again for the masked copy
-_BLOCK_ELEMS = 1 << 24
+# that is 8 users: 32 MB of scores, and (B, N) booleans for the ranks
+_BLOCK_ELEMS = 1 << 23
 
 MaskMode = Literal["both", "raw", "masked"]
 # a scorer: positions into EvalSet.user_ids (int64, (B,)) -> scores (B, N_items), numpy or torch
@@ -247,7 +248,8 @@ def _to_tensor(x: Any) -> torch.Tensor:
         t = t.float()
     elif t.dtype in (torch.float16, torch.bfloat16):
         t = t.float()
-    # NaN must never rank above anything; +inf stays +inf
+    # NaN must never rank above anything; +inf stays +inf. Always a new tensor: the evaluator masks
+    # it in place, never the scorer's own array
     return torch.nan_to_num(t, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
@@ -329,6 +331,7 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, U, chunk):
+            release_freed_memory(collect=False)  # the last block's pages (else the resident set creeps up)
             users = np.arange(start, min(U, start + chunk), dtype=np.int64)
             S = _to_tensor(fn(users))
             if S.shape != (len(users), N):
@@ -337,8 +340,7 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
             tgt = torch.from_numpy(tc)
             valid = torch.from_numpy(tv)
             for mode in modes:
-                if mode == "masked":
-                    S = S.clone()  # never write -inf into an array the scorer may still own
+                if mode == "masked":  # after "raw": S is _to_tensor's own new tensor, free to overwrite
                     _mask_inplace(S, ev, users)
                 for name, v in _per_user_metrics(target_ranks(S, tgt), valid, ks).items():
                     per_user[mode].setdefault(name, []).append(v)

@@ -62,6 +62,7 @@ from training.data import (
     infer_feature_columns,
     split_leave_last_out,
 )
+from training.memory import release_freed_memory
 from training.pipeline import EpochBatches, Examples, examples_from_rows, lap_order, take
 
 log = logging.getLogger(__name__)
@@ -252,27 +253,6 @@ def partition(src: StreamSource, dest: Path, shards: int, chunk_rows: int = 1_00
     return part, users.result(), items.result()
 
 
-def release_freed_memory() -> None:
-    """Give the heap's free pages back to the operating system (glibc ``malloc_trim``; elsewhere a no-op).
-
-    The one pass over the interactions and the side tables build and drop millions of small objects;
-    glibc keeps the freed pages, so without this the process carries them (about 1 GB at 25M rows)
-    into training, where the id tables come on top.
-    """
-    import ctypes
-    import ctypes.util
-    import gc
-
-    gc.collect()
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
-    except OSError:  # not glibc
-        pass
-
-
 # ------------------------------------------------------------------------------------------------
 # the catalogue and the user table
 
@@ -395,6 +375,8 @@ class ShardReader:
         it = _rows(train["item_id"], self.encoder.item_rows)
         ex = examples_from_rows(u, it, train["timestamp"].to_numpy(np.int64), train["weight"].to_numpy(np.float64),
                                 self.history_len)
+        del inter, train
+        release_freed_memory(collect=False)  # the shard's text columns and frames, gone before training on it
         return ShardData(split, ex)
 
 

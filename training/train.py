@@ -53,6 +53,7 @@ from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
 from training.defaults import DataStats, derive
 from training.distributed import Dist, RankLostError, is_collective_failure
+from training.memory import peak_rss_mb, release_freed_memory
 from training.pipeline import MemoryBatches, build_examples, epoch_seed, loader, part_of
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,6 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
         ShardReader,
         eval_sample,
         partition,
-        release_freed_memory,
         sample_recdata,
         shard_count,
         side_tables,
@@ -637,6 +637,7 @@ def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist) -> floa
 
     hr = None
     if dist.is_main and prep.eval_valid is not None:
+        release_freed_memory()  # what the epoch's shards left behind, before the scores come on top
         res = evaluate_model(built.model, prep.data, prep.split, which="valid", ks=(cfg.eval_k,),
                              mask_seen="masked", ev=prep.eval_valid)
         hr = float(res["masked"][f"HR@{cfg.eval_k}"])
@@ -694,13 +695,6 @@ def write_config(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built) ->
     })
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far (MiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
-
-
 def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: TrainState, device: Any,
            threads: int, times: dict[str, float], resumed_from: int | None, dist: Dist) -> TrainResult:
     """Rank 0: the best epoch on the test split (masked and raw), metrics.json, curves.png, LATEST."""
@@ -718,6 +712,7 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
     # of one epoch): reloading would hold a second copy of every table at once
     best = built.model if state.best_epoch == state.epoch else load_checkpoint(run.dir / "model.pt")
     test = evaluate_model(best, prep.data, split, which="test", ks=(10, 50, 100)) if len(split.test) else None
+    rss[0] = peak_rss_mb()  # the test evaluation included
     metrics: dict[str, Any] = {
         "model_version": run.version,
         "data": cfg.data,

@@ -170,7 +170,9 @@ def test_scorer_forms_give_identical_numbers():
     uvec = rng.normal(size=(ev.n_users, 8)).astype(np.float32)
     ivec = rng.normal(size=(ev.n_items, 8)).astype(np.float32)
     full = torch.from_numpy(uvec) @ torch.from_numpy(ivec).T
+    before = full.clone()
     as_matrix = evaluate_scores(full.numpy(), ev)
+    assert torch.equal(full, before)  # masking seen items never writes into the caller's scores
     as_pair = evaluate_scores((uvec, ivec), ev, chunk_users=7)  # chunking must not change anything
     as_fn = evaluate_scores(lambda users: full[torch.from_numpy(users)], ev, chunk_users=50)
     as_tensor = evaluate_scores(embedding_scorer(torch.from_numpy(uvec), torch.from_numpy(ivec)), ev)
