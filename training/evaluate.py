@@ -274,13 +274,22 @@ def target_ranks(scores: torch.Tensor, tgt_cols: torch.Tensor) -> torch.Tensor:
 
     N = scores.shape[1]
     t = scores.gather(1, tgt_cols)  # (B, T)
-    col = torch.arange(N).view(1, N)
     out = torch.empty_like(tgt_cols)
     for j in range(tgt_cols.shape[1]):
         tj = t[:, j:j + 1]  # (B, 1)
-        ties_ahead = ((scores == tj) & (col < tgt_cols[:, j:j + 1])).sum(1)
-        out[:, j] = (scores > tj).sum(1) + ties_ahead
+        out[:, j] = _count(scores > tj)
+        eq = scores == tj  # (B, N), the target itself included
+        if bool((_count(eq) > 1).any()):  # ties (rare with real scores): the earlier ones rank ahead
+            out[:, j] += _count(eq & (torch.arange(N).view(1, N) < tgt_cols[:, j:j + 1]))
     return out
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool -> (B,) int64 count of True per row. Summed as bytes into int32: torch's own
+    ``bool.sum`` widens every element to int64 first, ~11x slower at 8 x 1M (75 vs 6.5 ms)."""
+    import torch
+
+    return mask.view(torch.uint8).sum(1, dtype=torch.int32).long()
 
 
 def _per_user_metrics(ranks: torch.Tensor, valid: torch.Tensor, ks: Sequence[int]) -> dict[str, np.ndarray]:
