@@ -196,17 +196,20 @@ def _as_score_fn(scores: Any) -> ScoreFn:
     return score
 
 
-def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024) -> ScoreFn:
+def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024,
+                 item_vecs: np.ndarray | None = None) -> ScoreFn:
     """Scorer for a towers ``TwoTowerModel``: user tower on the history before the target.
 
-    The item tower embeds ``data.items`` (catalogue order = evaluator columns); the user tower
-    reads each user's features and history (oldest first, the encoder keeps the recent window).
+    The item tower embeds ``data.items`` (catalogue order = evaluator columns) unless the caller
+    has those vectors already (``item_vecs``, (N, D)); the user tower reads each user's features
+    and history (oldest first, the encoder keeps the recent window).
     """
     import torch
 
-    item_vecs = torch.from_numpy(np.ascontiguousarray(model.embed_items(data.items), dtype=np.float32))  # (N, D)
-    if item_vecs.shape[0] != ev.n_items:
-        raise ValueError(f"embed_items returned {item_vecs.shape[0]} rows for {ev.n_items} catalogue items")
+    vecs = model.embed_items(data.items) if item_vecs is None else item_vecs
+    items_t = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))  # (N, D)
+    if items_t.shape[0] != ev.n_items:
+        raise ValueError(f"embed_items returned {items_t.shape[0]} rows for {ev.n_items} catalogue items")
 
     def score(users: np.ndarray) -> torch.Tensor:
         out = []
@@ -214,7 +217,7 @@ def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024)
             part = users[s:s + batch_size]
             uids = ev.user_ids[part].tolist()
             uvec = model.embed_users(uids, _user_feature_rows(data.users, uids), ev.history_item_ids(part))  # (b, D)
-            out.append(torch.from_numpy(np.asarray(uvec, dtype=np.float32)) @ item_vecs.T)  # (b, N)
+            out.append(torch.from_numpy(np.asarray(uvec, dtype=np.float32)) @ items_t.T)  # (b, N)
         return torch.cat(out)
 
     return score
@@ -371,10 +374,12 @@ def _mask_inplace(S: torch.Tensor, ev: EvalSet, users: np.ndarray) -> None:
 
 
 def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test", ks: Sequence[int] = DEFAULT_KS,
-                   mask_seen: MaskMode = "both", ev: EvalSet | None = None) -> dict[str, Any]:
-    """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``)."""
+                   mask_seen: MaskMode = "both", ev: EvalSet | None = None,
+                   item_vecs: np.ndarray | None = None) -> dict[str, Any]:
+    """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``);
+    ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them."""
     ev = ev or build_eval_set(data, split, which)
-    return evaluate_scores(model_scorer(model, data, ev), ev, ks=ks, mask_seen=mask_seen)
+    return evaluate_scores(model_scorer(model, data, ev, item_vecs=item_vecs), ev, ks=ks, mask_seen=mask_seen)
 
 
 # ----------------------------------------------------------------------------------------------
