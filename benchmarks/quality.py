@@ -3,7 +3,7 @@
     python benchmarks/quality.py                         # every dataset, every row
     python benchmarks/quality.py --datasets ml-100k --only ease,ours
     python benchmarks/quality.py --only tuned            # `twotower tune --budget 10m`, then train the winner
-    python benchmarks/quality.py --render                # rewrite the report from .bench/quality.json
+    python benchmarks/quality.py --render                # rewrite the report from benchmarks/results/quality.json
 
 Datasets (``benchmarks/datasets.py``): MovieLens-100k and ml-latest-small from ``../shared/data``, and
 two synthetic shapes unlike them (a 20k-item long-tail catalogue; short session-like histories).
@@ -15,7 +15,7 @@ mean-pooled YoutubeDNN baseline and one row per option on top of it; and the win
 
 Every model is scored by ``training.evaluate.evaluate_scores`` on the per-user leave-last-out TEST
 rows (history = train + valid rows; "masked" = every item seen before the target removed). The
-headline is the WORST ratio to EASE over the datasets. Results accumulate in ``.bench/quality.json``
+headline is the WORST ratio to EASE over the datasets. Results accumulate in ``benchmarks/results/quality.json``
 (a run replaces the rows it ran), and ``benchmarks/results/quality.md`` is rendered from all of them.
 
 The torch-rechub virtualenv lives in ``.bench/rechub-venv`` (gitignored): created with this
@@ -98,7 +98,8 @@ class QualityConfig:
     rechub_threads: int | None = None        # None = the same policy as our training (idle cores)
     our_overrides: dict[str, Any] = field(default_factory=dict)  # extra TrainConfig fields for every row of ours
     out_md: Path = REPO / "benchmarks" / "results" / "quality.md"
-    store: Path = REPO / ".bench" / "quality.json"
+    store: Path = REPO / "benchmarks" / "results" / "quality.json"  # committed: the next run adds to it
+    title: str = ""                          # the report's heading ("" = the standard one)
     seed: int = 0
 
 
@@ -370,7 +371,7 @@ def _ratio(store: dict[str, Any], ds: str, name: str) -> float | None:
 def render_markdown(store: dict[str, Any]) -> str:
     names = [d for d in bench_data.DATASETS if d in store["datasets"]]
     lines = [
-        "# Retrieval quality over datasets, per-user leave-last-out",
+        f"# {store.get('title') or 'Retrieval quality over datasets, per-user leave-last-out'}",
         "",
         "One exact evaluator (`training/evaluate.py`) ranks the FULL catalogue for every model. Target = each "
         "user's last interaction; the model reads the history before it (train + valid rows). HR@K is "
@@ -444,6 +445,8 @@ def render_markdown(store: dict[str, Any]) -> str:
               "| **defaults** | " + " | ".join(_fmt(_ratio(store, d, "ours"), 2) for d in names) +
               f" | {_fmt(worst('ours')[0], 2)} |"]
     for v in VARIANTS:
+        if all(_ratio(store, d, v) is None for d in names):
+            continue  # not run for this report
         cells = [_fmt(_ratio(store, d, v), 2) for d in names]
         w, _ = worst(v)
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {_fmt(w, 2)} |")
@@ -536,6 +539,8 @@ def run(cfg: QualityConfig, argv_text: str = "") -> dict[str, Any]:
         raise ValueError(f"unknown row(s) {unknown} / dataset(s) {unknown_ds}; rows: {', '.join(ALL_ROWS)}; "
                          f"datasets: {', '.join(bench_data.DATASETS)}")
     store = load_store(cfg.store)
+    if cfg.title:
+        store["title"] = cfg.title
     for name in cfg.datasets:
         t_all, load_start = time.perf_counter(), list(os.getloadavg())
         stats, rows = run_dataset(cfg, name)
@@ -567,6 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="a TrainConfig field for every row of ours (experiments), e.g. --set history_len=20")
     ap.add_argument("--store", type=Path, default=QualityConfig.store, help="where results accumulate")
     ap.add_argument("--out", type=Path, default=QualityConfig.out_md, help="markdown report path")
+    ap.add_argument("--title", default="", help="the report's heading (a separate --store/--out report)")
     ap.add_argument("--render", action="store_true", help="only rewrite the report from the store; trains nothing")
     args = ap.parse_args(argv)
     if args.render:
@@ -578,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                         only=tuple(s.strip() for s in args.only.split(",") if s.strip()),
                         skip_rechub=args.skip_rechub, tune_budget=args.tune_budget,
                         rechub_num_workers=args.rechub_num_workers, rechub_epochs=args.rechub_epochs,
-                        our_overrides=overrides, store=args.store, out_md=args.out)
+                        our_overrides=overrides, store=args.store, out_md=args.out, title=args.title)
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     run(cfg, argv_text)
     return 0

@@ -1,9 +1,9 @@
 """Training at the size users have: throughput, memory and quality from 100k to 5M users.
 
-    python benchmarks/scale.py [--parts quality,sizes,procs,rechub,reindex] [--quality-models M,..] [--quality-samplers S,..]
+    python benchmarks/scale.py [--parts quality,sizes,procs,rechub,reindex,ids] [--quality-models M,..] [--quality-samplers S,..]
         [--sizes 100000,1000000,5000000] [--items 1000000] [--per-user 5] [--steps 1500] [--batch-size 1024]
 
-Parts (each can be run alone; results are merged into ``.bench/scale.json`` and rendered to
+Parts (each can be run alone; results are merged into ``benchmarks/results/scale.json`` and rendered to
 ``benchmarks/results/scale.md``):
 
 - ``quality``: the id tables' optimisers side by side on MovieLens-100k and ml-latest-small (our
@@ -22,6 +22,8 @@ Parts (each can be run alone; results are merged into ``.bench/scale.json`` and 
   positives per second beside ours on the same data.
 - ``reindex``: ``twotower reindex`` of the 1M-user model: embeds its 1M-item catalogue, builds and
   gates the index; wall time and peak RSS.
+- ``ids``: the A/B of the one hand-written structure the sizes need, ``towers/idindex.py`` against a
+  ``dict`` (+ the list back) over the largest size's user ids: memory held, build and lookup time.
 
 Run it on otherwise idle cores: every figure is a rate or a ratio of rates.
 """
@@ -48,7 +50,7 @@ if str(REPO) not in sys.path:
 log = logging.getLogger("scale")
 
 BENCH = REPO / ".bench" / "scale"
-OUT_JSON = REPO / ".bench" / "scale.json"
+OUT_JSON = REPO / "benchmarks" / "results" / "scale.json"  # committed: a later run of one part keeps the others
 OUT_MD = REPO / "benchmarks" / "results" / "scale.md"
 ML100K = f"movielens:{REPO.parent / 'shared' / 'data' / 'ml-100k'}"
 MLSMALL = f"movielens:{REPO.parent / 'shared' / 'data' / 'ml-latest-small'}"
@@ -184,6 +186,70 @@ def part_procs(args: argparse.Namespace) -> dict[str, Any]:
     one = train_once(f"procs1-{args.procs_size}", d, args)
     two = train_once(f"procs2-{args.procs_size}", d, args, "--nproc", "2")
     return {"users": args.procs_size, "one": one, "two": two, "ratio": two["examples_per_s"] / one["examples_per_s"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# ids: towers/idindex.py against a dict, the hand-written part's A/B
+
+_IDS_PROBE = r"""
+import gc, json, random, sys, time, tracemalloc
+import numpy as np
+from towers.idindex import IdIndex
+
+n, kind, n_queries = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+
+
+def make_ids():
+    return [str(u) for u in range(1, n + 1)]  # the synthetic generator's user ids
+
+
+def build(ids):
+    if kind == "dict":  # both directions, as the encoder needs them: id -> row and row -> id
+        return {s: i + 1 for i, s in enumerate(ids)}, list(ids)
+    return IdIndex.of(ids)
+
+
+ids = make_ids()
+t0 = time.perf_counter()
+held = build(ids)
+build_s = time.perf_counter() - t0
+del held, ids
+gc.collect()
+# again under tracing (which slows allocation, so not timed), the ids' strings included: the dict
+# keeps them alive, the IdIndex copies them into one string and lets them go
+tracemalloc.start()
+ids = make_ids()
+held = build(ids)
+del ids
+gc.collect()
+mib = tracemalloc.get_traced_memory()[0] / 2**20  # what the structure holds once its input is gone
+tracemalloc.stop()
+if kind == "dict":
+    lookup = lambda keys: np.fromiter((held[0].get(k, 0) for k in keys), dtype=np.int64, count=len(keys))
+else:
+    lookup = held.rows
+rng = random.Random(0)
+# fresh str objects, as ids arrive in requests and data (a str caches its hash once computed)
+keys = ["%d" % rng.randint(1, n) for _ in range(n_queries)]
+t0 = time.perf_counter()
+rows = lookup(keys)
+lookup_s = time.perf_counter() - t0
+assert all(int(k) == r for k, r in zip(keys[:1000], rows[:1000].tolist())), "wrong rows"
+print(json.dumps({"kind": kind, "ids": n, "held_mib": mib, "build_s": build_s,
+                  "lookup_us": lookup_s / n_queries * 1e6}))
+"""
+
+
+def part_ids(args: argparse.Namespace) -> dict[str, Any]:
+    """Memory held, build time and lookup time of the user ids' row index at the largest size, each
+    structure in a fresh process (tracemalloc sees Python objects and numpy buffers alike)."""
+    n = max(args.sizes)
+    out = {}
+    for kind in ("dict", "idindex"):
+        proc = subprocess.run([_py(), "-c", _IDS_PROBE, str(n), kind, "1000000"], capture_output=True, text=True,
+                              cwd=REPO, check=True)
+        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"ids": n, **out}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,8 +421,21 @@ def render(res: dict[str, Any]) -> str:
                   f"`twotower reindex` of the {ri['users']:,}-user model: {_f(ri.get('n_items') or ri['items'])} items "
                   f"embedded, index `{(ri.get('recipe') or {}).get('factory', '?')}` built and gated (recall "
                   f"{_f(ri.get('recall'), 3)}): {_f(ri['wall_s'])} s wall, peak RSS {_f(ri['peak_rss_mb'])} MiB.", ""]
+    ids = res.get("ids")
+    if ids:
+        d, x = ids["dict"], ids["idindex"]
+        lines += ["### The user ids' row index: `towers/idindex.py` against a dict", "",
+                  f"{ids['ids']:,} user ids (the largest size's), each structure built in a fresh process from a "
+                  "list of the ids; memory held once that list is gone (tracemalloc: Python objects and numpy "
+                  "buffers), both directions (id -> row, row -> id); lookups of 1,000,000 random known ids as "
+                  "new strings, in one batch.", "",
+                  "| structure | memory held MiB | build s | lookup us per id |", "|---|---|---|---|",
+                  f"| dict + list (before) | {_f(d['held_mib'])} | {_f(d['build_s'], 2)} | {_f(d['lookup_us'], 2)} |",
+                  f"| IdIndex | {_f(x['held_mib'])} | {_f(x['build_s'], 2)} | {_f(x['lookup_us'], 2)} |", "",
+                  f"- memory: {x['held_mib'] / d['held_mib']:.2f}x the dict's; lookups {x['lookup_us'] / d['lookup_us']:.1f}x "
+                  "as slow (a batch of 1024 ids: a fraction of a millisecond, beside a training step's tens)", ""]
     runs: dict[str, list[str]] = {}
-    for part in ("quality", "sizes", "procs", "rechub", "reindex"):
+    for part in ("quality", "sizes", "procs", "rechub", "reindex", "ids"):
         if part in res:
             r = run_of(res, part)
             key = (f"{r.get('machine', '?')}; torch {r.get('torch', '?')}; run at {r.get('when', '?')} with "
@@ -370,7 +449,7 @@ def render(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="quality,sizes,procs,rechub,reindex")
+    ap.add_argument("--parts", default="quality,sizes,procs,rechub,reindex,ids")
     ap.add_argument("--quality-models", default="youtubednn,dssm", type=lambda t: [x for x in t.split(",") if x])
     ap.add_argument("--quality-samplers", default=",".join(SAMPLERS), type=lambda t: [x for x in t.split(",") if x],
                     help="negative samplers of the quality part (each a full training run per optimiser)")
@@ -387,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--procs-size", type=int, default=1_000_000)
     ap.add_argument("--rechub-size", type=int, default=100_000)
     ap.add_argument("--reindex-size", type=int, default=1_000_000)
-    ap.add_argument("--rerender", action="store_true", help="only rewrite the markdown from .bench/scale.json")
+    ap.add_argument("--rerender", action="store_true", help="only rewrite the markdown from benchmarks/results/scale.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     results: dict[str, Any] = json.loads(OUT_JSON.read_text()) if OUT_JSON.is_file() else {}
@@ -414,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                 results["rechub"] = part_rechub(args)
             elif part == "reindex":
                 results["reindex"] = part_reindex(args, results)
+            elif part == "ids":
+                results["ids"] = part_ids(args)
             else:
                 raise SystemExit(f"unknown part {part!r}")
             results[part]["run"] = {**run_info, "load_end": round(os.getloadavg()[0], 1)}
