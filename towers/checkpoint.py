@@ -6,7 +6,7 @@ a checkpoint cannot run code when it is opened.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from towers.artifacts import atomic_open
-from towers.features import FeatureEncoder
+from towers.features import FeatureEncoder, gather_rows
 from towers.inference import UserEmbedder, UserTowerNumpy
 from towers.model import ItemTower, TowerConfig, UserTower
 
@@ -53,17 +53,33 @@ class TwoTowerModel:
                 t.eval()
         return self
 
-    @torch.no_grad()
     def embed_items(self, items: pd.DataFrame, batch_size: int = 65536) -> np.ndarray:
         """(N, D) float32 vectors for catalogue rows (indexed by item id), in the frame's order."""
+        return self._embed_item_batches(len(items), batch_size,
+                                        lambda s, e: self.encoder.encode_items(items.iloc[s:e]))
+
+    def embed_item_rows(self, table: Mapping[str, torch.Tensor], rows: np.ndarray,
+                        batch_size: int = 65536) -> np.ndarray:
+        """(len(rows), D) float32 vectors of item ``rows`` of an already encoded table
+        (``FeatureEncoder.encode_item_table``): no side feature is encoded again."""
+
+        def batch(s: int, e: int) -> dict[str, torch.Tensor]:
+            part = torch.from_numpy(np.ascontiguousarray(rows[s:e], dtype=np.int64))
+            return gather_rows(table, part.to(next(iter(table.values())).device))
+
+        return self._embed_item_batches(len(rows), batch_size, batch)
+
+    @torch.no_grad()
+    def _embed_item_batches(self, n: int, batch_size: int,
+                            batch: Callable[[int, int], Mapping[str, torch.Tensor]]) -> np.ndarray:
+        """The item tower over ``batch(start, end)`` for every slice of ``n`` rows, in eval mode."""
         if self.item_tower is None:
             raise RuntimeError("this model was loaded without its item tower")
         self.item_tower.eval()
         dev = _device_of(self.item_tower)
-        out = np.empty((len(items), self.dim), dtype=np.float32)
-        for s in range(0, len(items), batch_size):
-            batch = self.encoder.encode_items(items.iloc[s: s + batch_size])
-            vec = self.item_tower({k: v.to(dev) for k, v in batch.items()})
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s in range(0, n, batch_size):
+            vec = self.item_tower({k: v.to(dev) for k, v in batch(s, min(n, s + batch_size)).items()})
             out[s: s + len(vec)] = vec.float().cpu().numpy()
         return out
 

@@ -635,25 +635,10 @@ def eval_item_vectors(model: Any, built: Built, item_ids: np.ndarray) -> np.ndar
     """(N, D) vectors of ``item_ids`` by ``model``'s item tower from the table training encoded once
     (``model.embed_items`` re-encodes the side features in Python: 14 of its 16 s at 1M items, at
     every validation). None where an id is not in the table: the caller embeds the frame then."""
-    import torch
-
-    from towers.features import gather_rows
-
     rows = model.encoder.item_rows(item_ids)
     if len(rows) and int(rows.min()) == 0:
         return None
-    tower = model.item_tower
-    dev = next(tower.parameters()).device
-    training = tower.training
-    tower.eval()
-    out = np.empty((len(rows), model.dim), dtype=np.float32)
-    with torch.no_grad():
-        for s in range(0, len(rows), 65536):
-            part = torch.from_numpy(rows[s:s + 65536]).to(built.device)
-            vec = tower({k: v.to(dev) for k, v in gather_rows(built.item_table, part).items()})
-            out[s:s + len(vec)] = vec.float().cpu().numpy()
-    tower.train(training)
-    return out
+    return model.embed_item_rows(built.item_table, rows)
 
 
 def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist) -> float | None:
