@@ -8,14 +8,14 @@ is the identity, so there is one code path.
 How the pieces are synchronised (what DistributedDataParallel does and does not do for us):
 
 - dense parameters (MLPs, side-feature tables): DistributedDataParallel averages their gradients;
-- id tables (row-sparse gradients, see training/optim.py): kept out of DDP and averaged here with
-  ``dist.all_reduce`` on a gloo group. Gloo all-reduces sparse tensors (CPU and CUDA); NCCL does
-  not ("NCCL does not support all_reduce with sparse tensors", ProcessGroupNCCL::allreduce_sparse;
-  pytorch/pytorch#22400 is still open), so on CUDA the job opens a gloo group beside the NCCL one
-  for them. Doing it the same way on both backends keeps one path, tested on the CPU;
-- in-batch negatives: each rank's item vectors are gathered with
-  ``torch.distributed.nn.functional.all_gather``, whose backward sums every rank's gradient back
-  into the rank that produced the vector.
+- id tables (row-sparse gradients, see training/optim.py): kept out of DDP and averaged in
+  ``average_table_grads``: every table's touched rows and their values go out in one
+  ``all_gather`` of a flat dense buffer and each rank sums what it receives. A dense buffer also
+  travels over NCCL, which cannot all-reduce sparse tensors (ProcessGroupNCCL::allreduce_sparse;
+  pytorch/pytorch#22400); gloo can, but takes several round trips per table to do it;
+- in-batch negatives: only the positives' row numbers are gathered (``gather``), and every rank
+  embeds the global candidate list itself; the item tower's gradients then flow on every rank and
+  are averaged with the rest.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +54,7 @@ class Dist:
     local_rank: int = 0
     local_world: int = 1
     backend: str | None = None
-    _cpu_group: Any = field(default=None, repr=False)  # gloo: CPU tensors and sparse gradients
+    _cpu_group: Any = field(default=None, repr=False)  # gloo: CPU tensors (counts, losses) under NCCL too
     _owns_group: bool = field(default=False, repr=False)
 
     @property
@@ -85,10 +84,10 @@ class Dist:
                 torch.cuda.set_device(local_rank)
             dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
             owns = True
-        sparse_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+        cpu_group = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
         log.info("rank %d of %d (%s, local rank %d)", rank, world, backend, local_rank)
         return cls(rank=rank, world=world, local_rank=local_rank, local_world=local_world, backend=backend,
-                   _cpu_group=sparse_group, _owns_group=owns)
+                   _cpu_group=cpu_group, _owns_group=owns)
 
     def close(self) -> None:
         if self._owns_group:
@@ -99,19 +98,6 @@ class Dist:
             self._owns_group = False
 
     # ------------------------------------------------------------------ collectives
-    def gather_with_grad(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``t`` (same shape on all ranks), in rank order; gradients flow back."""
-        if not self.active:
-            return [t]
-        from torch.distributed.nn.functional import all_gather
-
-        # synchronous, with autograd: its backward sums every rank's gradient back into this rank's
-        # tensor. (torch now points at the asynchronous functional all_gather_single instead; with it,
-        # one 2-rank gloo run in six here died of SIGSEGV mid-epoch, a cause not pinned down.)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
-            return list(all_gather(t.contiguous()))
-
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape), in rank order; no gradient."""
         if not self.active:
@@ -165,14 +151,50 @@ class Dist:
             dist.barrier(group=self._cpu_group)
 
     def average_table_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Average the id tables' row-sparse gradients over ranks (DDP leaves them to us)."""
+        """Average the id tables' row-sparse gradients over ranks (DDP leaves them to us).
+
+        Every table's rows and values travel in ONE ``all_gather`` of a flat buffer (after one small
+        all-reduce of the row counts, to pad every rank to the same length), and each rank sums what
+        it received. Gloo's own sparse all-reduce exchanges sizes, indices and values per table (3+
+        round trips each): 6.5 ms for 4k rows of 64 on two local ranks, against 2.2 ms for one
+        all_gather of the same bytes (BENCHMARKS.md, "1 vs 2 processes"). Dense gradients (and mixed
+        dtypes) take the plain all-reduce.
+        """
         if not self.active:
             return
         import torch.distributed as dist
 
-        for p in params:
-            if p.grad is None:
-                continue
-            g = p.grad.coalesce() if p.grad.is_sparse else p.grad
-            dist.all_reduce(g, group=self._cpu_group)
-            p.grad = g / self.world
+        live = [p for p in params if p.grad is not None]
+        sparse = [p for p in live if p.grad is not None and p.grad.is_sparse]
+        if len(sparse) != len(live) or len({p.dtype for p in sparse}) > 1:
+            for p in live:
+                assert p.grad is not None
+                g = p.grad.coalesce() if p.grad.is_sparse else p.grad
+                dist.all_reduce(g, group=self._group_for(g) if not g.is_sparse else self._cpu_group)
+                p.grad = g / self.world
+            return
+        if not sparse:
+            return
+        grads = [p.grad.coalesce() for p in sparse if p.grad is not None]
+        dev, dtype = grads[0].device, grads[0].dtype
+        counts = self.sum_or_max(torch.tensor([g.indices().shape[1] for g in grads], dtype=torch.long, device=dev),
+                                 "max").tolist()
+        parts = []
+        for g, n in zip(grads, counts, strict=True):
+            rows, vals = g.indices()[0], g.values()
+            pad = n - rows.shape[0]
+            parts.append(torch.nn.functional.pad(vals, (0, 0, 0, pad)).reshape(-1))
+            # rows as raw bytes in the value dtype's buffer (-1 marks padding); all_gather only copies
+            parts.append(torch.cat([rows, rows.new_full((pad,), -1)]).view(dtype))
+        out = self.gather(torch.cat(parts))
+        at = 0
+        for p, g, n in zip(sparse, grads, counts, strict=True):
+            width = g.values().shape[1]
+            nv, ni = n * width, n * 8 // g.values().element_size()  # int64 rows in value-sized slots
+            vals = torch.cat([o[at:at + nv].view(n, width) for o in out])
+            rows = torch.cat([o[at + nv:at + nv + ni].view(torch.long) for o in out])
+            at += nv + ni
+            keep = rows >= 0
+            summed = torch.sparse_coo_tensor(rows[keep].unsqueeze(0), vals[keep], g.shape,
+                                             check_invariants=False).coalesce()  # rows of our own tables
+            p.grad = summed / self.world

@@ -16,8 +16,8 @@ Data order, negatives and dropout are functions of (seed, epoch, rank), so a res
 exactly the batches of an uninterrupted one.
 
 Under ``torchrun`` every rank runs this same function (training/distributed.py): each trains on its
-own users' examples, the item vectors of every rank are gathered so the negatives are the global
-batch, and rank 0 alone writes files and shows progress. Nothing points at the version
+own users' examples, the positives' rows of every rank are gathered so the negatives are the
+global batch, and rank 0 alone writes files and shows progress. Nothing points at the version
 (``models/LATEST``) until it is complete.
 """
 
@@ -524,20 +524,18 @@ def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any]
         ubatch["user_row"] = urows.masked_fill(drop, 0)
     pos = batch["item_row"].to(dev)  # (b,)
     pool = sampler.extra(b * W, gen_neg).to(dev)  # (M,) the same on every rank: one shared generator
-    m = pool.shape[0] // W
-    mine = torch.cat([pos, pool[r * m:(r + 1) * m]])  # (b + m,) the candidates this rank embeds
-    others = [j for j in range(W) if j != r]
+    # only the positives' row numbers cross ranks (one small all_gather); every rank then embeds the
+    # whole global candidate list itself. Its gradients reach the item tower on every rank and are
+    # averaged with the rest (DDP for the dense layers, average_table_grads for the id rows), which
+    # by linearity is the gradient of one process on the concatenated batch. Gathering the vectors
+    # instead (all_gather with autograd) cost two more collectives a step, one of them in backward.
+    rows = dist.gather(pos)
+    cand = torch.cat([rows[r]] + [rows[j] for j in range(W) if j != r] + [pool])  # (W b + M,) own first
     if built.full_items:
         u, v_all = built.pair(ubatch, built.item_table)  # (b, D), (N + 1, D)
-        rows = dist.gather(pos)
-        cand = torch.cat([rows[r]] + [rows[j] for j in others] + [pool])  # (W b + M,)
         v = v_all[cand]
     else:
-        u, v_mine = built.pair(ubatch, gather_rows(built.item_table, mine))  # (b, D), (b + m, D)
-        vs, rows = dist.gather_with_grad(v_mine), dist.gather(mine)
-        order = [r] + others
-        v = torch.cat([vs[j][:b] for j in order] + [vs[j][b:] for j in range(W)])  # (W b + M, D)
-        cand = torch.cat([rows[j][:b] for j in order] + [rows[j][b:] for j in range(W)])
+        u, v = built.pair(ubatch, gather_rows(built.item_table, cand))  # (b, D), (W b + M, D)
     global_b = b * W
     logq = sampler.log_expected_count(cand.cpu(), global_b).to(dev)
     hm = built.hist_mask(urows, cand) if built.hist_mask is not None else None
