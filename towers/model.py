@@ -183,7 +183,13 @@ class AttentionHistory(nn.Module):
     def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
         e = F.embedding(rows, table, sparse=sparse)  # (B, L, E)
         ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
-        logits = self.score(torch.tanh(self.proj(e + self.age(ages)))).squeeze(-1)  # (B, L)
+        # proj(e + age) = W e + (W age + b), computed per DISTINCT item and per age, then gathered:
+        # a batch's B x L history slots hold far fewer distinct items (ML-100k: 25,600 slots, at most
+        # 1,682 items), and this matmul was the largest single cost of a training step there
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        per_item = F.linear(F.embedding(uniq, table, sparse=sparse), self.proj.weight)  # (U, E)
+        per_age = self.proj(self.age.weight)  # (max_len, E)
+        logits = self.score(torch.tanh(per_item[inv] + per_age[ages])).squeeze(-1)  # (B, L)
         valid = rows != 0
         a = torch.softmax(logits.masked_fill(~valid, -1e9), dim=1) * valid.to(e.dtype)  # (B, L); 0 if empty
         return torch.einsum("bl,ble->be", a, e)  # (B, E)
