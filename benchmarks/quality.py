@@ -585,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
                         skip_rechub=args.skip_rechub, tune_budget=args.tune_budget,
                         rechub_num_workers=args.rechub_num_workers, rechub_epochs=args.rechub_epochs,
                         our_overrides=overrides, store=args.store, out_md=args.out, title=args.title)
+    if cfg.only and not cfg.store.is_file() and cfg.out_md.is_file():
+        # a partial run over an empty store would rewrite the existing report with only its own rows
+        ap.error(f"{cfg.store} does not exist but {cfg.out_md} does: a run of only {', '.join(cfg.only)} would "
+                 "replace that report with just these rows. Run every row (no --only), or give --store/--out "
+                 "paths of a separate report")
     argv_text = "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     run(cfg, argv_text)
     return 0

@@ -61,3 +61,15 @@ def test_install_torch_keeps_an_installed_cpu_torch() -> None:
     result = run([str(REPO_ROOT / "scripts" / "install-torch.sh"), sys.executable], timeout=120)
     assert result.returncode == 0, result.stderr
     assert "torch 2.13.0 (CPU) is already installed" in result.stdout
+
+
+def test_quality_benchmark_refuses_a_partial_run_that_would_overwrite_a_report_whose_store_is_gone(
+        tmp_path: Path) -> None:
+    report = tmp_path / "quality.md"
+    report.write_text("# every row of an earlier run\n")
+    store = tmp_path / "quality.json"
+    result = run([sys.executable, str(REPO_ROOT / "benchmarks" / "quality.py"), "--only", "ours",
+                  "--store", str(store), "--out", str(report)])
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert str(store) in result.stderr and "--only" in result.stderr
+    assert report.read_text() == "# every row of an earlier run\n" and not store.exists()
