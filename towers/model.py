@@ -192,6 +192,10 @@ class AttentionHistory(nn.Module):
         logits = self.score(torch.tanh(per_item[inv] + per_age[ages])).squeeze(-1)  # (B, L)
         valid = rows != 0
         a = torch.softmax(logits.masked_fill(~valid, -1e9), dim=1) * valid.to(e.dtype)  # (B, L); 0 if empty
+        if rows.shape[1] <= 16:
+            # short windows: a broadcast product and a sum beat einsum's batched 1 x L matmuls
+            # (fwd + bwd at 1024 x 6 x 64: 1.4 vs 3.6 ms; at 512 x 50 x 64 einsum is as fast or faster)
+            return (a.unsqueeze(-1) * e).sum(dim=1)  # (B, E)
         return torch.einsum("bl,ble->be", a, e)  # (B, E)
 
 
