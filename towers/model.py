@@ -181,13 +181,14 @@ class AttentionHistory(nn.Module):
         self.score = nn.Linear(emb_dim, 1, bias=False)
 
     def forward(self, table: torch.Tensor, rows: torch.Tensor, sparse: bool = False) -> torch.Tensor:
-        e = F.embedding(rows, table, sparse=sparse)  # (B, L, E)
-        ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
-        # proj(e + age) = W e + (W age + b), computed per DISTINCT item and per age, then gathered:
-        # a batch's B x L history slots hold far fewer distinct items (ML-100k: 25,600 slots, at most
-        # 1,682 items), and this matmul was the largest single cost of a training step there
+        # the table is read once per DISTINCT item of the batch, and so is proj(e + age) = W e + (W age
+        # + b), then gathered per slot: a batch's B x L history slots hold far fewer distinct items
+        # (ML-100k: 25,600 slots, at most 1,682 items); that matmul was a step's largest cost there
         uniq, inv = torch.unique(rows, return_inverse=True)
-        per_item = F.linear(F.embedding(uniq, table, sparse=sparse), self.proj.weight)  # (U, E)
+        items = F.embedding(uniq, table, sparse=sparse)  # (U, E)
+        e = F.embedding(inv, items)  # (B, L, E)
+        ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
+        per_item = F.linear(items, self.proj.weight)  # (U, E)
         per_age = self.proj(self.age.weight)  # (max_len, E)
         logits = self.score(torch.tanh(per_item[inv] + per_age[ages])).squeeze(-1)  # (B, L)
         valid = rows != 0
