@@ -49,6 +49,7 @@ from index.searcher import (
     Searcher,
     SearchError,
     faiss_gpus,
+    search_users,
     torch_cuda_available,
 )
 from towers.artifacts import (
@@ -437,11 +438,12 @@ class LoadedBundle:
         return np.asarray(self.item_vectors[self.id_map.row_of(item_id)], dtype=np.float32)
 
     def search(self, queries: np.ndarray, k: int) -> list[tuple[list[ItemId], list[float]]]:
-        """Search and translate FAISS ids to catalogue ids: one (item ids, scores) per query."""
-        scores, ids = self.searcher.search(queries, k)
+        """Search and translate FAISS ids to catalogue ids: one (item ids, scores) per query ((B, D)
+        vectors, or (B, K, D) multi-interest users: index.searcher.search_users)."""
+        scores, ids = search_users(self.searcher, queries, k)
         out = []
         for s_row, i_row in zip(scores, ids, strict=True):
-            keep = i_row >= 0
+            keep = np.flatnonzero(i_row >= 0)[:k]
             out.append((self.id_map.to_items(i_row[keep]), [float(x) for x in s_row[keep]]))
         return out
 

@@ -447,14 +447,17 @@ def run(cfg: ReindexConfig) -> Manifest:
 def _eval_queries(model: TwoTowerModel, users: pd.DataFrame, hist: dict[str, list[Any]],
                   vectors: np.ndarray, cfg: ReindexConfig) -> tuple[np.ndarray, str]:
     """(Q, D) query vectors for the recall gate: real users from the interaction log, embedded with
-    the user tower as the service would; item vectors only when the log has no users."""
+    the user tower as the service would (each of a multi-interest user's vectors is a query); item
+    vectors only when the log has no users."""
     rng = np.random.default_rng(cfg.seed)
     uids = sorted(hist)
     if uids:
         if len(uids) > cfg.n_eval_users:
             uids = [uids[i] for i in np.sort(rng.choice(len(uids), cfg.n_eval_users, replace=False))]
         feats = users.reindex(uids)
-        return model.embed_users(uids, feats, [hist[u] for u in uids]), "users"
+        vecs = model.embed_users(uids, feats, [hist[u] for u in uids])  # (Q, D), or (Q, K, D) interests
+        # every interest is a query the service sends: the gate measures them all
+        return vecs.reshape(-1, vecs.shape[-1]), "users" if vecs.ndim == 2 else f"users x {vecs.shape[1]} interests"
     n = min(cfg.n_eval_users, len(vectors))
     return vectors[np.sort(rng.choice(len(vectors), n, replace=False))], "item vectors (no users in the log)"
 

@@ -465,6 +465,38 @@ def _faiss_msg(exc: BaseException) -> str:
 # measurement
 
 
+def search_users(searcher: Searcher, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search for (B, D) user vectors, or (B, K, D) multi-interest users: each interest is a query
+    and a user's lists are merged, an item scored by its best interest (towers' ranking score).
+
+    Returns (scores, ids), (B, k) for single vectors; (B, K * k) for interests, best first, with an
+    item found by several interests kept once (the rest padded: id -1, score -inf). Exact: an item
+    in the user's top k by best interest is in its best interest's own top k (every item above it
+    there is above it overall), so the first k kept are the top k over all the items.
+    """
+    q = np.ascontiguousarray(users, dtype=np.float32)
+    if q.ndim == 2:
+        return searcher.search(q, k)
+    if q.ndim != 3:
+        raise SearchError(f"user vectors must be (B, D) or (B, K, D), got shape {q.shape}")
+    b, n_int, d = q.shape
+    scores, ids = searcher.search(q.reshape(b * n_int, d), k)
+    scores, ids = scores.reshape(b, n_int * k), ids.reshape(b, n_int * k)
+    order = np.argsort(-scores, axis=1, kind="stable")  # best first; -inf padding last
+    scores, ids = np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+    # an id seen earlier in its row is a repeat with a lower (or equal) score: drop it
+    by_id = np.argsort(ids, axis=1, kind="stable")  # equal ids keep their best-first order
+    sid = np.take_along_axis(ids, by_id, 1)
+    repeat = np.zeros_like(sid, dtype=bool)
+    repeat[:, 1:] = (sid[:, 1:] == sid[:, :-1]) & (sid[:, 1:] >= 0)
+    dup = np.zeros_like(repeat)
+    np.put_along_axis(dup, by_id, repeat, 1)
+    ids = np.where(dup, -1, ids)
+    scores = np.where(dup, _PAD_SCORE, scores).astype(np.float32, copy=False)
+    order = np.argsort(-scores, axis=1, kind="stable")  # the dropped repeats move to the end
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int | None = None) -> float:
     """Mean over queries of |approx top-k ∩ exact top-k| / k (``faiss.contrib.evaluation``'s
     intersection measure); a -1 (missing result) in ``approx_ids`` is never a hit.

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from index.searcher import search_users
 from service.events import UserEvents
 
 ItemId = int | str
@@ -338,9 +339,9 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
     if tower:
         rs = [reqs[i] for i in tower]
         users = b.model.embed_users([r.user_id for r in rs], [r.features for r in rs],
-                                    [r.history for r in rs])  # (B, D) float32, L2-normalised
+                                    [r.history for r in rs])  # (B, D) float32, L2-normalised; (B, K, D) interests
         fetch = min(b.n_items, max(r.k + min(len(r.exclude), MAX_OVERFETCH) for r in rs))
-        scores, fids = b.searcher.search(np.ascontiguousarray(users, dtype=np.float32), fetch)  # (B, fetch)
+        scores, fids = search_users(b.searcher, users, fetch)  # (B, fetch), or (B, K * fetch) merged
         keep = _kept(fids, [r.exclude for r in rs])  # (B, fetch)
         for j, (i, r) in enumerate(zip(tower, rs, strict=True)):
             idx = np.flatnonzero(keep[j])[: r.k]

@@ -56,7 +56,9 @@ def make_world(n_users: int = 40, n_items: int = 120, per_user: int = 8, seed: i
                                 FeatureSpec("year", "numeric")])
 
 
-def make_model(world: World, dim: int = 16, seed: int = 0, model: str = "youtubednn") -> Any:
+def make_model(world: World, dim: int = 16, seed: int = 0, model: str = "youtubednn", **tower: Any) -> Any:
+    """An untrained model; ``tower``: more TowerConfig settings (``history_encoder="attention",
+    interests=3`` for a multi-interest user tower)."""
     import torch
 
     from towers.checkpoint import TwoTowerModel
@@ -65,7 +67,7 @@ def make_model(world: World, dim: int = 16, seed: int = 0, model: str = "youtube
 
     torch.manual_seed(seed)
     enc = FeatureEncoder.fit(world.users, world.items, world.user_features, world.item_features, history_len=10)
-    cfg = TowerConfig(model=model, dim=dim, emb_dim=16, feature_dim=8, hidden=(32,))
+    cfg = TowerConfig(model=model, dim=dim, emb_dim=16, feature_dim=8, hidden=(32,), **tower)
     m = TwoTowerModel.create(cfg, enc, meta={"model_version": "test"})
     # random init gives near-identical vectors for every user; a larger history embedding spread
     # makes a user's history visibly move their vector, like a trained model's would

@@ -86,7 +86,8 @@ class TwoTowerModel:
     @torch.inference_mode()
     def embed_users(self, user_ids: Sequence[Any], features: pd.DataFrame | Sequence[Mapping[str, Any] | None] | None,
                     histories: Sequence[Sequence[Any]] | None, batch_size: int = 8192) -> np.ndarray:
-        """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
+        """(B, D) float32 user vectors ((B, K, D) for a model with K > 1 interests); unknown ids use
+        the out-of-vocabulary row."""
         if self.user_tower is None:
             raise RuntimeError("this model was loaded without its user tower")
         twin = self._numpy_user_tower()
@@ -97,7 +98,8 @@ class TwoTowerModel:
         if self.user_tower.training:  # Module.eval() walks every submodule: ~0.2 ms
             self.user_tower.eval()
         n = len(user_ids)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        k = self.config.interests
+        out = np.empty((n, self.dim) if k == 1 else (n, k, self.dim), dtype=np.float32)
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)
             feats: Any = None

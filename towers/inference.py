@@ -56,7 +56,8 @@ def _ages(idx: np.ndarray) -> np.ndarray:
 def _pool_history(kind: str, p: Mapping[str, np.ndarray], table: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """The history encoders of towers.model with a twin here -> (B, E). ``mean``: the padded mean;
     ``recency``: weights exp(-rate * age); ``attention``: softmax of a learned score over item +
-    age embeddings. A row of padding alone pools to zeros in each."""
+    age embeddings ((B, K, E) with K > 1 interests: K scores, K softmaxes). A row of padding alone
+    pools to zeros in each."""
     if kind == "mean":
         return _bag(table, idx, mean=True)
     valid = idx != 0
@@ -69,10 +70,12 @@ def _pool_history(kind: str, p: Mapping[str, np.ndarray], table: np.ndarray, idx
     e = table[idx]  # (B, L, E)
     age = p["age"][np.minimum(ages, len(p["age"]) - 1)]  # (B, L, E)
     h = np.tanh((e + age) @ p["proj_w"].T + p["proj_b"])  # (B, L, E)
-    logits = np.where(valid, h @ p["score_w"][0], -1e9)  # (B, L)
-    a = np.exp(logits - logits.max(axis=1, keepdims=True)) * valid
+    logits = np.where(valid[:, :, None], h @ p["score_w"].T, -1e9)  # (B, L, K): one softmax per interest
+    a = np.exp(logits - logits.max(axis=1, keepdims=True)) * valid[:, :, None]
     a /= np.maximum(a.sum(axis=1, keepdims=True), 1e-12)
-    return np.einsum("bl,ble->be", a.astype(np.float32), e)
+    if a.shape[2] == 1:
+        return np.einsum("bl,ble->be", a[:, :, 0].astype(np.float32), e)  # (B, E)
+    return np.einsum("blk,ble->bke", a.astype(np.float32), e)  # (B, K, E): the user's interests
 
 
 def _array(v: Any) -> np.ndarray:
@@ -205,6 +208,12 @@ class UserTowerNumpy:
                    hist_encoder=hist_encoder, hist_params=hist_params)
 
     @property
+    def interests(self) -> int:
+        """User vectors per user: the attention scorer's outputs (1 for every other encoder)."""
+        w = self.hist_params.get("score_w") if self.hist is not None and self.hist_encoder == "attention" else None
+        return 1 if w is None else int(np.asarray(w).shape[0])
+
+    @property
     def out_dim(self) -> int:
         last = [w for op, w, _b in self.layers if op == "linear"]
         if not last or last[-1] is None:
@@ -229,7 +238,11 @@ class UserTowerNumpy:
             else:
                 assert table is not None
                 parts.append(table[x])  # (B, F)
-        y: np.ndarray = np.concatenate(parts, axis=1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
+        if any(p.ndim == 3 for p in parts):  # K interests: every one sees the same id and features
+            k = max(p.shape[1] for p in parts if p.ndim == 3)
+            parts = [p if p.ndim == 3 else np.broadcast_to(p[:, None, :], (p.shape[0], k, p.shape[1]))
+                     for p in parts]
+        y: np.ndarray = np.concatenate(parts, axis=-1) if len(parts) > 1 else np.ascontiguousarray(parts[0])
         y = y.astype(np.float32, copy=False)
         for op, w, b in self.layers:
             if op == "linear":
@@ -237,8 +250,8 @@ class UserTowerNumpy:
                 y = y @ w.T + b  # (B, in) @ (in, out)
             else:
                 np.maximum(y, 0.0, out=y)
-        norm = np.sqrt(np.einsum("ij,ij->i", y, y))[:, None]
-        return (y / np.maximum(norm, _EPS)).astype(np.float32, copy=False)  # (B, D)
+        norm = np.sqrt(np.einsum("...j,...j->...", y, y))[..., None]
+        return (y / np.maximum(norm, _EPS)).astype(np.float32, copy=False)  # (B, D), or (B, K, D)
 
 
 class UserEmbedder:
@@ -250,12 +263,14 @@ class UserEmbedder:
 
     def __init__(self, encoder: FeatureEncoder, tower: UserTowerNumpy, dim: int) -> None:
         self.encoder, self.tower, self.dim = encoder, tower, int(dim)
+        self.interests = tower.interests
 
     def embed_users(self, user_ids: Sequence[Any], features: Any, histories: Sequence[Sequence[Any]] | None,
                     batch_size: int = 8192) -> np.ndarray:
-        """(B, D) float32 user vectors; unknown ids use the out-of-vocabulary row."""
+        """(B, D) float32 user vectors ((B, K, D) for a model with K > 1 interests); unknown ids
+        use the out-of-vocabulary row."""
         n = len(user_ids)
-        out = np.empty((n, self.dim), dtype=np.float32)
+        out = np.empty((n, self.dim) if self.interests == 1 else (n, self.interests, self.dim), dtype=np.float32)
         for s in range(0, n, batch_size):
             e = min(n, s + batch_size)
             feats: Any = None

@@ -85,7 +85,10 @@ def _config_error(cls: type[JobConfig], exc: ValidationError, values: dict[str, 
     field = str(loc[0])
     if err.get("type") == "extra_forbidden" or field not in cls.model_fields:
         return ConfigError(field, values.get(field), "a known setting")
-    return ConfigError(field, values.get(field, err.get("input")), cls.expected(field))
+    expected = cls.expected(field)
+    if err.get("type") == "value_error":  # a rule of the config's own (one setting against another)
+        expected = str(err.get("ctx", {}).get("error") or err.get("msg", "")).removeprefix("Value error, ")
+    return ConfigError(field, values.get(field, err.get("input")), expected)
 
 
 # ------------------------------------------------------------------------------------------------

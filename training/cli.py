@@ -113,6 +113,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--recency-half-life", help="recency encoder: starting half-life of its learned weights, in items")
     flag("--attention-heads", help="transformer encoder: attention heads per layer")
     flag("--attention-layers", help="transformer encoder: layers")
+    flag("--interests", help="attention encoder: vectors per user, each searched and the results merged "
+                             "(default: 3 with attention pooling, else 1)")
     flag("--user-id-dropout", help="share of examples trained with the out-of-vocabulary user id (new-user path)")
     flag("--tie-embeddings", help="share the history table with the item output table while training")
     flag("--user-features", "use_user_features")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from towers import HistoryEncoder, ModelName, MultiPooling
 from towers.validation import (
@@ -37,6 +37,10 @@ MODEL_HIDDEN: dict[str, tuple[int, ...]] = {"youtubednn": (), "dssm": (256,)}
 # row-wise Adagrad's learning rate when none is given (the Adam-style ones default to ``lr``): 0.1 had
 # the best validation HR@50 of 0.01, 0.03, 0.1, 0.3 for both YoutubeDNN and DSSM on ML-100k
 ROWWISE_ADAGRAD_LR = 0.1
+# interests per user with the attention encoder: 3 beat 1 on three of the four quality datasets and
+# tied on ML-100k (test HR@50 0.361 -> 0.391 synthetic-longtail, 0.476 -> 0.490 synthetic-short,
+# 0.320 -> 0.344 ml-latest-small, 0.5355 -> 0.533 ml-100k); BENCHMARKS.md, "what each option adds"
+DEFAULT_INTERESTS = 3
 
 
 class TrainConfig(JobConfig):
@@ -76,6 +80,9 @@ class TrainConfig(JobConfig):
     item_id_embedding: bool = True          # DSSM: the item id as an input of the item MLP
     multi_pooling: MultiPooling = "mean"    # multi-valued features (genres, tags): mean or sum of embeddings
     tie_embeddings: bool = True             # the history table IS the item output table while training
+    # user vectors per user (attention pooling only): K > 1 pools K interests, each searched, the
+    # results merged by score. None: DEFAULT_INTERESTS with the attention encoder, else 1
+    interests: PositiveInt | None = None
     user_id_dropout: Fraction = 0.1         # share of examples whose user id is replaced by the OOV row
     # negatives and loss
     negatives: Negatives = "mixed"
@@ -119,7 +126,20 @@ class TrainConfig(JobConfig):
         if isinstance(values, dict) and values.get("hidden") is None:
             model = values.get("model", cls.model_fields["model"].default)
             values = {**values, "hidden": MODEL_HIDDEN.get(model, (256,))}
+        if isinstance(values, dict) and values.get("interests") is None:
+            attention = (values.get("history_encoder", cls.model_fields["history_encoder"].default) == "attention"
+                         and values.get("use_history", True) is not False)
+            values = {**values, "interests": DEFAULT_INTERESTS if attention else 1}
         return values
+
+    @field_validator("interests")
+    @classmethod
+    def _interests_need_attention(cls, v: int | None, info: ValidationInfo) -> int | None:
+        enc, hist = info.data.get("history_encoder"), info.data.get("use_history")
+        if v is not None and v > 1 and (enc != "attention" or not hist):
+            raise ValueError(f"1 unless history_encoder is 'attention' and use_history is on "
+                             f"(history_encoder is {enc!r}, use_history {hist})")
+        return v
 
     @property
     def table_lr(self) -> float:

@@ -166,18 +166,21 @@ def _group_cols(u: np.ndarray, cols: np.ndarray, n_users: int) -> list[np.ndarra
 
 
 def embedding_scorer(user_vecs: Any, item_vecs: Any) -> ScoreFn:
-    """Dot-product scorer from precomputed (U, D) user vectors (EvalSet user order) and (N, D) items."""
+    """Dot-product scorer from precomputed (U, D) user vectors (EvalSet user order) and (N, D) items;
+    (U, K, D) multi-interest users score an item by their best interest."""
     import torch
+
+    from training.losses import interest_scores
 
     u = torch.as_tensor(np.asarray(user_vecs, dtype=np.float32) if not isinstance(user_vecs, torch.Tensor)
                         else user_vecs.float())
     v = torch.as_tensor(np.asarray(item_vecs, dtype=np.float32) if not isinstance(item_vecs, torch.Tensor)
                         else item_vecs.float())
-    if u.ndim != 2 or v.ndim != 2 or u.shape[1] != v.shape[1]:
+    if u.ndim not in (2, 3) or v.ndim != 2 or u.shape[-1] != v.shape[1]:
         raise ValueError(f"user vectors {tuple(u.shape)} and item vectors {tuple(v.shape)} do not match")
 
     def score(users: np.ndarray) -> torch.Tensor:
-        return u[torch.as_tensor(users)] @ v.T  # (B, D) @ (D, N) -> (B, N)
+        return interest_scores(u[torch.as_tensor(users)], v)  # (B, N)
 
     return score
 
@@ -206,6 +209,8 @@ def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024,
     """
     import torch
 
+    from training.losses import interest_scores
+
     vecs = model.embed_items(data.items) if item_vecs is None else item_vecs
     items_t = torch.from_numpy(np.ascontiguousarray(vecs, dtype=np.float32))  # (N, D)
     if items_t.shape[0] != ev.n_items:
@@ -217,7 +222,7 @@ def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024,
             part = users[s:s + batch_size]
             uids = ev.user_ids[part].tolist()
             uvec = model.embed_users(uids, _user_feature_rows(data.users, uids), ev.history_item_ids(part))  # (b, D)
-            out.append(torch.from_numpy(np.asarray(uvec, dtype=np.float32)) @ items_t.T)  # (b, N)
+            out.append(interest_scores(torch.from_numpy(np.asarray(uvec, dtype=np.float32)), items_t))  # (b, N)
         return torch.cat(out)
 
     return score

@@ -51,6 +51,9 @@ def parse_budget(text: str) -> float:
 # The searched settings: name -> how a trial picks it. Kept small enough for TPE to learn within
 # ten minutes of ~30-60 s trials; every range holds the shipped default.
 def suggest(trial: Any) -> dict[str, Any]:
+    encoder = trial.suggest_categorical("history_encoder", ["recency", "attention", "mean"])
+    # interests exist for attention pooling only (a conditional parameter: TPE models it per encoder)
+    more = {"interests": trial.suggest_categorical("interests", [1, 2, 3, 4])} if encoder == "attention" else {}
     return {
         "lr": trial.suggest_float("lr", 1e-3, 1e-2, log=True),
         "temperature": trial.suggest_float("temperature", 0.05, 0.3, log=True),
@@ -58,13 +61,14 @@ def suggest(trial: Any) -> dict[str, Any]:
         "hidden": (lambda h: (h,) if h else ())(trial.suggest_categorical("hidden", [0, 256])),
         "dim": trial.suggest_categorical("dim", [64, 128]),
         "history_len": trial.suggest_int("history_len", 5, 100, log=True),
-        "history_encoder": trial.suggest_categorical("history_encoder", ["recency", "attention", "mean"]),
+        "history_encoder": encoder,
         "use_user_id": trial.suggest_categorical("use_user_id", [True, False]),
         "user_id_dropout": trial.suggest_float("user_id_dropout", 0.0, 0.5),
         "negatives": trial.suggest_categorical("negatives", ["mixed", "inbatch"]),
         "epochs": trial.suggest_int("epochs", 3, 12),
         "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
         "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        **more,
     }
 
 
@@ -146,7 +150,8 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         del data, tuning
         k = base.eval_k
         # emb_dim follows dim unless the user set it (a searched dim must keep the tables tied)
-        base_doc = {**base.to_dict(), **({} if "emb_dim" in cfg.fixed else {"emb_dim": None})}
+        # and so do the interests with the encoder (3 with attention pooling, 1 with the others)
+        base_doc = {**base.to_dict(), **{f: None for f in ("emb_dim", "interests") if f not in cfg.fixed}}
         records: list[dict[str, Any]] = []
         slowest = 0.0
 
@@ -154,6 +159,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             nonlocal slowest
             # trial 0 is the defaults as they stand (derived values included); later trials search
             params = {} if trial.number == 0 else {n: v for n, v in _space(cfg)(trial).items() if n not in cfg.fixed}
+            if {**base_doc, **params}.get("history_encoder") != "attention":  # one vector per user
+                # several interests the user asked for keep the attention encoder; else no interests
+                params.pop("history_encoder" if (base_doc.get("interests") or 1) > 1 else "interests", None)
             trial_cfg = TrainConfig.from_dict({**base_doc, **params, "data": spec, "data_options": {},
                                                "artifacts": str(scratch / f"trial{trial.number}"),
                                                "quiet": True, "resume": None, "stop_after_epoch": None})

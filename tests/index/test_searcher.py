@@ -13,6 +13,7 @@ from index.searcher import (
     SearchError,
     choose_recipe,
     recall_at_k,
+    search_users,
 )
 from tests.index.index_factories import clustered
 
@@ -136,6 +137,36 @@ def test_choose_recipe_is_exact_for_small_catalogues_and_ivf_for_large() -> None
     assert choose_recipe(100_000).kind == "flat"
     big = choose_recipe(1_000_000)
     assert big.kind == "ivf" and big.factory == "IVF1024,SQfp16" and big.nprobe
+
+
+@pytest.mark.parametrize("make", [lambda x, ids: ExactSearcher(x, ids),
+                                  lambda x, ids: FaissSearcher.build(x, ids, "Flat")])
+def test_multi_interest_users_get_the_top_k_by_their_best_interest(make) -> None:
+    """(B, K, D) users: one query per interest, merged. The first k results are exactly the top k
+    items by the maximum over interests (brute force), each item once, best first."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    ids = np.arange(400, dtype=np.int64) * 5 + 1
+    users = rng.standard_normal((6, 3, 8)).astype(np.float32)
+    users[1, 2] = users[1, 0]  # two identical interests: their items must not come back twice
+    k = 25
+    scores, got = search_users(make(x, ids), users, k)
+    assert scores.shape == got.shape == (6, 3 * k)
+    best = np.einsum("bkd,nd->bkn", users, x).max(axis=1)  # (B, N)
+    for b in range(6):
+        want = np.argsort(-best[b], kind="stable")[:k]
+        np.testing.assert_array_equal(got[b, :k], ids[want])
+        np.testing.assert_allclose(scores[b, :k], best[b, want], rtol=1e-5, atol=1e-5)
+        real = got[b][got[b] >= 0]
+        assert len(real) == len(set(real.tolist()))  # each item once
+        assert (np.diff(scores[b][np.isfinite(scores[b])]) <= 1e-6).all()  # best first
+        assert (scores[b][got[b] < 0] == -np.inf).all()  # what is left is padding
+    # a single vector per user is the plain search
+    one_s, one_i = search_users(make(x, ids), users[:, 0], k)
+    ref_s, ref_i = make(x, ids).search(users[:, 0], k)
+    np.testing.assert_array_equal(one_i, ref_i)
+    with pytest.raises(SearchError, match="user vectors"):
+        search_users(make(x, ids), users[None], k)
 
 
 def test_recall_at_k() -> None:

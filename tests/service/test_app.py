@@ -61,6 +61,38 @@ def test_known_user_gets_k_items_with_versions_then_a_cached_answer(artifacts, r
     asyncio.run(main())
 
 
+def test_a_multi_interest_model_serves_the_top_k_by_the_best_interest(tmp_path, redis_url, redis_prefix, world):
+    """A model with 3 interests per user: the service searches each and merges. The answer is the
+    top k unseen items by the user's best interest (brute force over the catalogue), each once;
+    a new user's inline history is served the same way."""
+    model = make_model(world, seed=4, history_encoder="attention", interests=3)
+    publish_bundle(tmp_path, world, model, index_version="20250101T000000Z-0000mi")
+    hist = histories_of(world.interactions)
+    items = np.asarray(list(world.items.index))
+    vecs = model.embed_items(world.items)  # (N, D)
+
+    def expected(user_id: str | None, history: list, k: int) -> list:
+        feats = world.users.reindex([user_id]) if user_id else None  # the stored features of a known user
+        u = model.embed_users([user_id], feats, [history])  # (1, 3, D)
+        assert u.shape == (1, 3, vecs.shape[1])
+        best = (u[0] @ vecs.T).max(axis=0)  # (N,)
+        best[np.isin(items, history)] = -np.inf
+        return items[np.argsort(-best, kind="stable")[:k]].tolist()
+
+    async def main() -> None:
+        async with running(settings_for(tmp_path, redis_url, redis_prefix)) as c:
+            a = (await c.post("/v1/recall", json={"user_id": "3", "k": 10})).json()
+            got = [it["item_id"] for it in a["items"]]
+            assert "fallback" not in a and len(set(got)) == 10
+            assert got == expected("3", hist["3"][-model.encoder.history_len:], 10)
+            inline = list(items[[5, 40, 77]])
+            b = (await c.post("/v1/recall", json={"history": [int(i) for i in inline], "k": 8})).json()
+            assert "fallback" not in b
+            assert [it["item_id"] for it in b["items"]] == expected(None, inline, 8)
+
+    asyncio.run(main())
+
+
 def test_cold_user_gets_popular_fallback_honouring_exclusions(artifacts, redis_url, redis_prefix, world):
     async def main() -> None:
         async with running(settings_for(artifacts, redis_url, redis_prefix)) as c:

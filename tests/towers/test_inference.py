@@ -45,6 +45,8 @@ def _requests(world):
     dict(model="dssm", hidden=(), use_user_features=False),
     dict(model="youtubednn", hidden=(16,), history_encoder="recency", recency_half_life=1.5),
     dict(model="youtubednn", hidden=(16,), history_encoder="attention", use_user_id=False),
+    dict(model="youtubednn", hidden=(16,), history_encoder="attention", interests=3),
+    dict(model="dssm", hidden=(), history_encoder="attention", interests=2, use_user_features=False),
 ])
 def test_numpy_forward_matches_the_module(world, kw) -> None:
     m = _model(world, **kw)
@@ -55,7 +57,8 @@ def test_numpy_forward_matches_the_module(world, kw) -> None:
         want = ut(batch).numpy()
     got = UserTowerNumpy.from_module(ut)(batch)
     np.testing.assert_allclose(got, want, atol=1e-6)
-    assert got.dtype == np.float32 and got.shape == (len(users), 8)
+    k = kw.get("interests", 1)
+    assert got.dtype == np.float32 and got.shape == ((len(users), 8) if k == 1 else (len(users), k, 8))
     # and what embed_users (which serving calls) returns, one user at a time or all together
     np.testing.assert_allclose(m.embed_users(users, feats, hists), want, atol=1e-6)
     one = np.vstack([m.embed_users([u], [f], [h]) for u, f, h in zip(users, feats, hists, strict=True)])
@@ -97,6 +100,7 @@ def test_a_bag_of_only_padding_pools_to_zeros() -> None:
     dict(model="dssm", hidden=(16, 8), use_history=True, multi_pooling="sum", use_user_id=False),
     dict(model="youtubednn", hidden=(16,), history_encoder="recency"),
     dict(model="youtubednn", hidden=(16,), history_encoder="attention"),
+    dict(model="youtubednn", hidden=(16,), history_encoder="attention", interests=3),
 ])
 def test_the_exported_user_tower_embeds_as_the_model_does(world, kw, tmp_path) -> None:
     """The file the reindex job writes into a bundle (user_tower.npz) rebuilds the user side with
@@ -108,6 +112,7 @@ def test_the_exported_user_tower_embeds_as_the_model_does(world, kw, tmp_path) -
     m.user_embedder().save(tmp_path / "user_tower.npz")
     back = UserEmbedder.load(tmp_path / "user_tower.npz")
     assert back.dim == m.dim and back.encoder.user_ids == m.encoder.user_ids
+    assert back.interests == kw.get("interests", 1)
     np.testing.assert_allclose(back.embed_users(users, feats, hists), m.embed_users(users, feats, hists), atol=1e-6)
 
 

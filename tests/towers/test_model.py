@@ -94,6 +94,10 @@ def test_config_rejects_nonsense() -> None:
         TowerConfig(temperature=0.0)
     with pytest.raises(ValueError, match="multi_pooling"):
         TowerConfig(multi_pooling="max")
+    with pytest.raises(ValueError, match="interests"):
+        TowerConfig(history_encoder="mean", interests=2)  # only attention pooling has several heads
+    with pytest.raises(ValueError, match="interests"):
+        TowerConfig(history_encoder="attention", interests=0)
     cfg = TowerConfig(hidden=[32, 16])  # type: ignore[arg-type]
     assert TowerConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -177,6 +181,43 @@ def test_encoders_train_through_a_sparse_table(name: str) -> None:
     assert set(weight.grad.coalesce().indices()[0].tolist()) <= {0, 3, 5}
     for p in enc.parameters():
         assert p.grad is not None and not p.grad.is_sparse
+
+
+def test_multi_interest_attention_pools_one_vector_per_interest() -> None:
+    """K interests are K softmaxes over the same history: each a convex mix of its items, each
+    free to weigh them differently; an empty history pools to zeros in every interest, and the
+    user tower returns K unit vectors per user."""
+    from towers.model import AttentionHistory
+
+    torch.manual_seed(0)
+    enc = AttentionHistory(8, 6, interests=3).eval()
+    table = torch.randn(20, 8)
+    table[0] = 0.0
+    rows = torch.tensor([[3, 5, 7, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        out = enc(table, rows)
+    assert out.shape == (2, 3, 8)
+    assert torch.equal(out[1], torch.zeros(3, 8))
+    assert not torch.allclose(out[0, 0], out[0, 1]) and not torch.allclose(out[0, 1], out[0, 2])
+    # each interest lies in the span of the history's rows: a mix with weights summing to 1
+    hist = table[[3, 5, 7]]  # (3, 8)
+    w = torch.linalg.lstsq(hist.T, out[0].T).solution  # (3 items, 3 interests)
+    torch.testing.assert_close(hist.T @ w, out[0].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(w.sum(0), torch.ones(3), atol=1e-5, rtol=1e-5)
+    assert (w > -1e-5).all()
+
+    from tests.factories import make_world
+    from towers.features import FeatureEncoder
+    from towers.model import UserTower
+
+    world = make_world(n_users=6, n_items=20, per_user=4)
+    fe = FeatureEncoder.fit(world.users, world.items, world.user_features, world.item_features, history_len=6)
+    tower = UserTower(TowerConfig(dim=8, emb_dim=8, feature_dim=4, hidden=(), history_encoder="attention",
+                                  interests=3), fe.meta()).eval()
+    with torch.no_grad():
+        u = tower(fe.encode_users(["1", "2"], None, [list(world.items.index[:3]), []]))
+    assert u.shape == (2, 3, 8)
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(2, 3))
 
 
 def test_checkpoints_from_before_history_encoders_pool_by_the_mean() -> None:

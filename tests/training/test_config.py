@@ -80,6 +80,19 @@ def test_hidden_layers_follow_the_model_unless_given() -> None:
     assert TrainConfig().tower_config().hidden == ()
 
 
+def test_interests_follow_the_history_encoder_and_refuse_one_without_heads(capsys) -> None:
+    assert TrainConfig().interests == 3 and TrainConfig().tower_config().interests == 3  # attention pooling
+    for other in ("mean", "recency", "transformer"):
+        assert TrainConfig(history_encoder=other).interests == 1
+    assert TrainConfig(use_history=False).interests == 1
+    assert _parse("--interests", "1").interests == 1 and _parse("--interests", "4").tower_config().interests == 4
+    with pytest.raises(ConfigError, match="interests must be 1 unless history_encoder is 'attention'.*'mean'"):
+        TrainConfig(history_encoder="mean", interests=2)
+    with pytest.raises(ConfigError) as exc:
+        TrainConfig(use_history=False, interests=3)
+    assert exc.value.field == "interests"
+
+
 def test_every_tower_setting_reaches_the_towers() -> None:
     """tower_config() once dropped multi_pooling and item_id_embedding: training could not set them."""
     from towers.model import TowerConfig

@@ -101,6 +101,9 @@ def _rank_main(rank: int, port: int, cfg: dict[str, Any], batches: list[np.ndarr
     dist = Dist.from_env("cpu")
     try:
         res = _train_steps(TrainConfig.from_dict(cfg), dist, batches)
+        # as the training job does: no rank tears its group down while the other may still be
+        # finishing the last collective (one full-suite run saw a rank abort in gloo's teardown)
+        dist.barrier()
     finally:
         dist.close()
     torch.save(res, Path(out) / f"rank{rank}.pt")

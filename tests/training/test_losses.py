@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.losses import retrieval_logits, retrieval_loss
+from training.losses import interest_scores, retrieval_logits, retrieval_loss
 
 
 def _unit(*rows: list[float]) -> torch.Tensor:
@@ -131,6 +131,52 @@ def test_fused_softmax_gradients_match_autograd() -> None:
     torch.testing.assert_close(gv, rv)
 
 
+def test_multi_interest_softmax_is_the_soft_maximum_over_interests() -> None:
+    """(B, K, D) users: logit_ij = logsumexp_k(u_ik . v_j / t) - logq_j; the fused loss and its
+    gradients equal that definition written out with autograd."""
+    torch.manual_seed(1)
+    u = F.normalize(torch.randn(5, 3, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    v = F.normalize(torch.randn(9, 4, dtype=torch.float64), dim=-1).requires_grad_()
+    rows = torch.tensor([1, 2, 3, 1, 5, 6, 2, 8, 9])
+    logq = torch.randn(9, dtype=torch.float64)
+    loss = retrieval_loss(u, v, rows, logq, temperature=0.2)
+    gu, gv = torch.autograd.grad(loss, (u, v))
+    logits = torch.logsumexp(torch.einsum("bkd,cd->bkc", u, v) / 0.2, dim=1) - logq  # (B, C)
+    _, neg = retrieval_logits(u, v, rows, logq, temperature=0.2)
+    keep = neg | torch.eye(5, 9, dtype=torch.bool)
+    assert not keep[0, 3] and not keep[3, 0]  # rows 0 and 3 share item 1: an accidental hit
+    ref = (torch.logsumexp(logits.masked_fill(~keep, float("-inf")), 1) - logits.diagonal()).mean()
+    ru, rv = torch.autograd.grad(ref, (u, v))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-12)
+    torch.testing.assert_close(gu, ru)
+    torch.testing.assert_close(gv, rv)
+    assert (gu.norm(dim=-1) > 0).all()  # every interest learns, not only the nearest one
+
+
+@pytest.mark.parametrize("loss", ["softmax", "bpr", "bce", "positive"])
+def test_one_interest_is_the_single_vector_model(loss: str) -> None:
+    torch.manual_seed(2)
+    u = F.normalize(torch.randn(4, 3), dim=-1)
+    v = F.normalize(torch.randn(7, 3), dim=-1)
+    rows = torch.arange(1, 8)
+    logq = torch.randn(7)
+    one = retrieval_loss(u.unsqueeze(1), v, rows, logq, loss=loss, hard_negatives=2 if loss == "bpr" else 0)
+    torch.testing.assert_close(one, retrieval_loss(u, v, rows, logq, loss=loss, hard_negatives=2 if loss == "bpr" else 0))
+
+
+def test_an_item_matching_any_interest_ranks_first() -> None:
+    """Two unrelated tastes: each interest's items score as high as if the user had only that one;
+    one vector between them (their mean) gives both only cos 45 degrees."""
+    u = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])  # (1, 2, 3)
+    items = _unit([1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 1.0, 0.0]).float()
+    got = interest_scores(u, items)[0]
+    torch.testing.assert_close(got[:3], torch.tensor([1.0, 1.0, 0.0]))
+    mean = F.normalize(u.mean(1), dim=-1)
+    torch.testing.assert_close(interest_scores(mean, items)[0, :2], torch.full((2,), 0.5 ** 0.5))
+    many = torch.randn(300, 4, 3)  # more users than one block of the scorer
+    torch.testing.assert_close(interest_scores(many, items), torch.einsum("bkd,cd->bkc", many, items).amax(1))
+
+
 def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="unknown loss"):
         retrieval_loss(U, V, ROWS, loss="hinge")
@@ -138,3 +184,5 @@ def test_bad_inputs_are_rejected() -> None:
         retrieval_loss(U, V[:1], ROWS[:1])
     with pytest.raises(ValueError, match="temperature"):
         retrieval_loss(U, V, ROWS, temperature=0.0)
+    with pytest.raises(ValueError, match="do not match"):
+        retrieval_loss(U.unsqueeze(0).unsqueeze(0), V, ROWS)  # (1, 1, B, D): neither (B, D) nor (B, K, D)
