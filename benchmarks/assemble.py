@@ -12,6 +12,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 SECTIONS = [
+    ("quality-interests.md", "python benchmarks/quality.py --skip-rechub --only 'popularity,ease,ours,one interest,"
+                             "youtubednn-mean,hidden layer 256,temperature 0.05,dim 128,dssm' --store "
+                             "benchmarks/results/quality-interests.json --out benchmarks/results/quality-interests.md "
+                             "--title 'Retrieval quality: multi-interest defaults (3 interests) beside one interest and "
+                             "EASE, in one run'"),
+    ("interests.md", "python benchmarks/interests.py"),
     ("quality.md", "python benchmarks/quality.py"),
     ("quality-tuned.md", "python benchmarks/quality.py --only ease,ours,tuned --store benchmarks/results/quality-tuned.json "
                          "--out benchmarks/results/quality-tuned.md --title 'Retrieval quality: the 10-minute twotower tune beside the defaults and EASE, in one run'"),

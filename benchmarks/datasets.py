@@ -67,8 +67,17 @@ DATASETS: dict[str, str] = {
 }
 
 
-def generate(shape: Shape) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(interactions, items) frames for ``shape``; the same shape gives the same rows, bit for bit."""
+# how each interaction was drawn (``generate(..., truth=True)``'s "kind" column)
+KIND_TOPIC, KIND_NOISE, KIND_NEXT = 0, 1, 2
+
+
+def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(interactions, items) frames for ``shape``; the same shape gives the same rows, bit for bit.
+
+    ``truth``: also what the generator knows and a model has to discover (not written to the
+    benchmark's files): each interaction's "kind" (KIND_TOPIC: a pick from one of the user's topics,
+    KIND_NOISE: a popular item from anywhere, KIND_NEXT: a neighbour of the previous item) and each
+    item's "topic"."""
     rng = np.random.default_rng(shape.seed)
     n_items, n_topics = shape.n_items, shape.n_topics
     topic = rng.integers(0, n_topics, n_items)
@@ -102,7 +111,7 @@ def generate(shape: Shape) -> tuple[pd.DataFrame, pd.DataFrame]:
     length = np.clip(length, shape.min_len, n_items // 4).astype(np.int64)
     steps = int(length.max() * 1.3) + 2  # room for repeats, which are dropped below
 
-    users, items = [], []
+    users, items, kinds = [], [], []
     prev = np.full(n_users, -1, dtype=np.int64)
     for _ in range(steps):
         r = rng.random(n_users)
@@ -119,28 +128,34 @@ def generate(shape: Shape) -> tuple[pd.DataFrame, pd.DataFrame]:
             cur[step] = order[s]
         users.append(np.arange(n_users))
         items.append(cur)
+        kinds.append(np.where(step, KIND_NEXT, np.where(noisy, KIND_NOISE, KIND_TOPIC)))
         prev = cur
     u = np.stack(users, axis=1).ravel()  # (U * steps,) user-major, step order kept
     it = np.stack(items, axis=1).ravel()
+    kind = np.stack(kinds, axis=1).ravel()
     # first occurrence of each (user, item), then the first ``length`` of them per user
     _, first = np.unique(u * n_items + it, return_index=True)
     first.sort()
-    u, it = u[first], it[first]
+    u, it, kind = u[first], it[first], kind[first]
     rank = np.arange(len(u)) - np.searchsorted(u, u, side="left")
     keep = rank < length[u]
-    u, it = u[keep], it[keep]
+    u, it, kind = u[keep], it[keep], kind[keep]
     gap = 1 + rng.exponential(3 * 3600.0, len(u)).astype(np.int64)
     csum_gap = np.cumsum(gap)
     first_of = np.searchsorted(u, u, side="left")
     ts = 1_600_000_000 + rng.integers(0, 365 * 86_400, n_users)[u] + csum_gap - np.where(
         first_of > 0, csum_gap[np.maximum(first_of - 1, 0)], 0)
     inter = pd.DataFrame({"user_id": [f"u{x}" for x in u], "item_id": it + 1, "timestamp": ts})
+    if truth:
+        inter["kind"] = kind
     inter = inter.sort_values("timestamp", kind="stable").reset_index(drop=True)
     category = np.where(rng.random(n_items) < 0.8, topic, rng.integers(0, n_topics, n_items))
     price_level = np.exp(rng.normal(3.0, 0.7, n_topics))
     price = np.round(price_level[topic] * np.exp(rng.normal(0.0, 0.4, n_items)), 2)
     items_df = pd.DataFrame({"item_id": np.arange(1, n_items + 1), "category": [f"c{c:02d}" for c in category],
                              "price": price})
+    if truth:
+        items_df["topic"] = topic
     return inter, items_df
 
 

@@ -323,13 +323,14 @@ def _per_user_metrics(ranks: torch.Tensor, valid: torch.Tensor, ks: Sequence[int
 
 
 def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, mask_seen: MaskMode = "both",
-                    chunk_users: int | None = None) -> dict[str, Any]:
+                    chunk_users: int | None = None, per_user: bool = False) -> dict[str, Any]:
     """Exact full-catalogue metrics for any scorer.
 
     ``scores``: a function ``users (B,) int64 positions into ev.user_ids -> (B, N) scores``
     (numpy or torch), a precomputed (U, N) matrix, or a ``(user_vecs (U, D), item_vecs (N, D))`` pair.
     Returns ``{"raw": {metric: value}, "masked": {...}, "n_users", "n_items", "which", ...}``
-    (only the requested sides).
+    (only the requested sides); ``per_user`` adds ``"per_user": {side: {metric: (U,) array}}``, in
+    ``ev.user_ids`` order, for breaking a metric down by groups of users.
     """
     import torch
 
@@ -344,7 +345,7 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
     max_t = int(np.diff(ev.target_indptr).max()) if U else 1
     chunk = chunk_users or max(1, min(U, _BLOCK_ELEMS // max(1, N * max_t)))
     # per-user values, averaged once at the end: the result cannot depend on the chunking
-    per_user: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in modes}
+    collected: dict[str, dict[str, list[np.ndarray]]] = {m: {} for m in modes}
     t0 = time.perf_counter()
     with torch.no_grad():
         for start in range(0, U, chunk):
@@ -360,12 +361,15 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
                 if mode == "masked":  # after "raw": S is _to_tensor's own new tensor, free to overwrite
                     _mask_inplace(S, ev, users)
                 for name, v in _per_user_metrics(target_ranks(S, tgt), valid, ks).items():
-                    per_user[mode].setdefault(name, []).append(v)
+                    collected[mode].setdefault(name, []).append(v)
     result: dict[str, Any] = {"which": ev.which, "n_users": U, "n_items": N, "ks": list(ks),
                               "mrr": "full-rank", "seconds": round(time.perf_counter() - t0, 3)}
     for mode in modes:
         result[mode] = {name: float(np.concatenate(parts).mean()) if U else float("nan")
-                        for name, parts in per_user[mode].items()}
+                        for name, parts in collected[mode].items()}
+    if per_user:
+        result["per_user"] = {mode: {name: np.concatenate(parts) if U else np.empty(0)
+                                     for name, parts in collected[mode].items()} for mode in modes}
     return result
 
 

@@ -205,7 +205,8 @@ class _InterestPartition(torch.autograd.Function):
     """``_SoftmaxPartition`` for (B, K, D) multi-interest users: logit_ij = logsumexp_k(u_ik . c_j / t)
     - logq_j. Autograd keeps several (B, K, C) temporaries (matmul, scaled, exp, normalised) and runs
     as many elementwise passes; this keeps one (each interest's share of the soft maximum) and one
-    (B, C) block (K = 3, 512 x 768 candidates: 15.1 -> see BENCHMARKS.md ms for forward + backward)."""
+    (B, C) block. Forward + backward at 512 users x 3 interests x 768 candidates, 2 threads: autograd
+    15.1 ms, this 11.5 ms, 8.9 ms with the unshifted exponentials below (one vector: 3.5 ms)."""
 
     @staticmethod
     def forward(ctx: Any, pos: torch.Tensor, user_vecs: torch.Tensor, cand_vecs: torch.Tensor,

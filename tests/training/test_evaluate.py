@@ -74,6 +74,10 @@ def test_metrics_match_hand_computed_values(tiny):
     assert masked["NDCG@3"] == pytest.approx((1.0 + 1 / math.log2(4)) / 2)
     assert masked["MRR"] == pytest.approx((1.0 + 1 / 3) / 2)
     assert r["n_users"] == 2 and r["n_items"] == 5 and r["mrr"] == "full-rank"
+    # per user, for breaking a metric down by groups: u1 hits at 1 once masked, u2 does not
+    pu = evaluate_scores(scores, ev, ks=(1, 3), per_user=True)["per_user"]
+    assert pu["masked"]["HR@1"].tolist() == [1.0, 0.0] and pu["raw"]["MRR"].tolist() == pytest.approx([1 / 3, 1 / 5])
+    assert "per_user" not in r
     table = format_table({"m": r}, ks=(1, 3))
     assert table.splitlines()[0].split() == ["metric", "m"]
     cells = {" ".join(line.split()[:2]): line.split()[2] for line in table.splitlines()[1:]}
@@ -218,6 +222,30 @@ def test_evaluate_model_scores_the_towers_like_their_embeddings():
     want = evaluate_scores((uvec, ivec), ev, ks=(5,))
     assert got["masked"] == pytest.approx(want["masked"])
     assert got["raw"] == pytest.approx(want["raw"])
+
+
+def test_a_multi_interest_model_is_scored_by_each_users_best_interest():
+    from towers.checkpoint import TwoTowerModel
+    from towers.features import FeatureEncoder
+    from towers.model import TowerConfig
+
+    data = _clustered(n_users=30, n_items=24, per_user=5)
+    split = _split(data.interactions)
+    torch.manual_seed(0)
+    enc = FeatureEncoder.fit(data.users, data.items, [], [], history_len=5)
+    model = TwoTowerModel.create(TowerConfig(dim=8, emb_dim=8, hidden=(16,), history_encoder="attention",
+                                             interests=3), enc).eval()
+    with torch.no_grad():  # sharper heads: each interest attends to different history items, as trained ones do
+        model.user_tower.hist_encoder.score.weight.mul_(50.0)
+    ev = build_eval_set(data, split, "test")
+    got = evaluate_model(model, data, split, "test", ks=(5,), ev=ev)
+    uvec = model.embed_users(ev.user_ids.tolist(), None, ev.history_item_ids(np.arange(ev.n_users)))  # (U, 3, D)
+    best = np.einsum("ukd,nd->ukn", uvec, model.embed_items(data.items)).max(axis=1)  # (U, N)
+    assert got["masked"] == pytest.approx(evaluate_scores(best, ev, ks=(5,))["masked"])
+    # and not what the first interest alone would give
+    first = evaluate_scores((uvec[:, 0], model.embed_items(data.items)), ev, ks=(5,), per_user=True)
+    assert not np.array_equal(first["per_user"]["masked"]["MRR"],
+                              evaluate_scores(best, ev, ks=(5,), per_user=True)["per_user"]["masked"]["MRR"])
 
 
 def test_bad_scorer_shape_is_a_clear_error(tiny):
