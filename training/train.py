@@ -816,6 +816,6 @@ def run(cfg: TrainConfig) -> TrainResult:
         # cycles: left to the interpreter's exit, that teardown aborted a rank now and then
         # ("terminate called without an active exception", about 1 run in 25 under load). Free
         # them here, while everything is alive, then destroy the group.
-        built = batches = None  # noqa: F841
+        built = batches = None  # type: ignore[assignment]  # noqa: F841
         gc.collect()
         dist.close()
