@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import datasets as bench_data  # noqa: E402
 
-from training.baselines import DEFAULT_EASE_LAMBDA, ease_scorer, fit_ease  # noqa: E402
+from training.baselines import DEFAULT_EASE_LAMBDA, ease_dtype, ease_scorer, fit_ease  # noqa: E402
 from training.data import load_data, split_leave_last_out  # noqa: E402
 from training.evaluate import build_eval_set, evaluate_scores, model_scorer  # noqa: E402
 
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds, share = target_truth(args.dataset, ev)
     hits: dict[str, np.ndarray] = {}
     train_s: dict[str, float] = {}
-    dtype = np.float64 if ev.n_items <= 10_000 else np.float32
-    B = fit_ease(split.train, ev.item_ids, lam=DEFAULT_EASE_LAMBDA, dtype=dtype)
+    B = fit_ease(split.train, ev.item_ids, lam=DEFAULT_EASE_LAMBDA, dtype=ease_dtype(ev.n_items))
     hits["EASE"] = evaluate_scores(ease_scorer(B, ev), ev, ks=(50,), mask_seen="masked",
                                    per_user=True)["per_user"]["masked"]["HR@50"]
     del B

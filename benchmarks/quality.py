@@ -50,7 +50,7 @@ for p in (str(REPO), str(REPO / "benchmarks")):
 
 import datasets as bench_data  # noqa: E402
 
-from training.baselines import DEFAULT_EASE_LAMBDA, ease_scorer, fit_ease, popularity_scorer  # noqa: E402
+from training.baselines import DEFAULT_EASE_LAMBDA, ease_dtype, ease_scorer, fit_ease, popularity_scorer  # noqa: E402
 from training.data import load_data, split_leave_last_out  # noqa: E402
 from training.evaluate import EvalSet, build_eval_set, evaluate_model, evaluate_scores  # noqa: E402
 
@@ -324,8 +324,7 @@ def run_dataset(cfg: QualityConfig, name: str) -> tuple[dict[str, Any], list[Row
                         cpu_s=cpu_seconds() - c0))
     if "ease" in wanted:
         c0, t0 = cpu_seconds(), time.perf_counter()
-        # float32 above 10k items: the inverse of 20k x 20k in float64 alone would take 3.2 GB
-        dtype = np.float64 if ev.n_items <= 10_000 else np.float32
+        dtype = ease_dtype(ev.n_items)
         B = fit_ease(split.train, ev.item_ids, lam=cfg.ease_lambda, dtype=dtype)
         fit_s, cpu_s = time.perf_counter() - t0, cpu_seconds() - c0
         rows.append(Row("ease", evaluate_scores(ease_scorer(B, ev), ev, ks=KS), fit_s,

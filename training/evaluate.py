@@ -221,7 +221,7 @@ def model_scorer(model: Any, data: RecData, ev: EvalSet, batch_size: int = 1024,
         for s in range(0, len(users), batch_size):
             part = users[s:s + batch_size]
             uids = ev.user_ids[part].tolist()
-            uvec = model.embed_users(uids, _user_feature_rows(data.users, uids), ev.history_item_ids(part))  # (b, D)
+            uvec = model.embed_users(uids, _user_feature_rows(data.users, uids), ev.history_item_ids(part))  # (b, D), or (b, K, D)
             out.append(interest_scores(torch.from_numpy(np.asarray(uvec, dtype=np.float32)), items_t))  # (b, N)
         return torch.cat(out)
 

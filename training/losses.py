@@ -23,8 +23,10 @@ Multi-interest users (``user_vecs`` (B, K, D), K interests per user): a candidat
 ``logsumexp_k(u_k . v / temperature)``, a soft maximum over the user's interests, so the interest
 nearest the item answers for it and the others keep learning (a hard maximum trains only the
 winner). Serving ranks by the maximum, which the soft one bounds within ``log K``: trained either
-way and ranked by the maximum, the soft one had the better test HR@50 on all four quality datasets
-(BENCHMARKS.md). ``interest_scores`` is the ranking score.
+way and ranked by the maximum (3 interests), the soft one had the better test HR@50 on all four
+quality datasets in the runs that chose it (not in BENCHMARKS.md): ml-100k 0.533 vs 0.519,
+ml-latest-small 0.344 vs 0.331, synthetic-longtail 0.391 vs 0.387, synthetic-short 0.490 vs 0.489.
+``interest_scores`` is the ranking score.
 """
 
 from __future__ import annotations
@@ -46,8 +48,8 @@ def interest_scores(user_vecs: torch.Tensor, item_vecs: torch.Tensor) -> torch.T
         return user_vecs @ item_vecs.T
     B, K, D = user_vecs.shape
     out = torch.empty((B, item_vecs.shape[0]), dtype=user_vecs.dtype, device=user_vecs.device)
-    # 128 users at a time: their (128 K, C) block stays in cache for the maximum (1024 users x 3
-    # interests x 5,000 items: 40 ms in one piece, 29 ms in blocks; the matmuls alone are ~20)
+    # 128 users at a time: their (128 K, C) block stays in cache for the maximum (a microbenchmark
+    # while writing this, 1024 users x 3 interests x 5,000 items: 40 ms in one piece, 29 ms in blocks)
     for s in range(0, B, 128):
         u = user_vecs[s:s + 128]
         torch.amax(torch.mm(u.reshape(-1, D), item_vecs.T).view(len(u), K, -1), dim=1, out=out[s:s + 128])
@@ -205,8 +207,8 @@ class _InterestPartition(torch.autograd.Function):
     """``_SoftmaxPartition`` for (B, K, D) multi-interest users: logit_ij = logsumexp_k(u_ik . c_j / t)
     - logq_j. Autograd keeps several (B, K, C) temporaries (matmul, scaled, exp, normalised) and runs
     as many elementwise passes; this keeps one (each interest's share of the soft maximum) and one
-    (B, C) block. Forward + backward at 512 users x 3 interests x 768 candidates, 2 threads: autograd
-    15.1 ms, this 11.5 ms, 8.9 ms with the unshifted exponentials below (one vector: 3.5 ms)."""
+    (B, C) block. Forward + backward at 512 users x 3 interests x 768 candidates: 11.4 ms against
+    14.5 ms for the same loss in autograd (``benchmarks/interests.py``, BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx: Any, pos: torch.Tensor, user_vecs: torch.Tensor, cand_vecs: torch.Tensor,
