@@ -186,3 +186,22 @@ def test_bad_inputs_are_rejected() -> None:
         retrieval_loss(U, V, ROWS, temperature=0.0)
     with pytest.raises(ValueError, match="do not match"):
         retrieval_loss(U.unsqueeze(0).unsqueeze(0), V, ROWS)  # (1, 1, B, D): neither (B, D) nor (B, K, D)
+
+
+@pytest.mark.parametrize("mask_hits,in_batch", [(True, True), (True, False), (False, True), (False, False)])
+def test_excluded_cells_are_the_hits_and_padding_of_the_dense_definition(mask_hits: bool, in_batch: bool) -> None:
+    """The fused loss lists its excluded cells by a sort-merge join; they are exactly the cells the
+    dense comparison marks: the row's own positive wherever it appears, and padding candidates."""
+    from training.losses import _dense_cells, _excluded_cells
+
+    g = torch.Generator().manual_seed(3)
+    for B, extra in [(1, 0), (7, 5), (64, 40)]:
+        pos = torch.randint(1, 12, (B,), generator=g)  # few distinct items: many duplicates
+        cand = torch.cat([pos, torch.randint(0, 12, (extra,), generator=g)]) if in_batch else \
+            torch.randint(0, 12, (extra + 1,), generator=g)
+        got = _dense_cells(_excluded_cells(pos, cand, mask_hits, in_batch), B, cand.shape[0])
+        want = (cand.unsqueeze(0) == pos.unsqueeze(1)) if mask_hits else torch.zeros(B, cand.shape[0], dtype=torch.bool)
+        if not mask_hits and in_batch:
+            want |= torch.eye(B, cand.shape[0], dtype=torch.bool)
+        want |= (cand == 0).unsqueeze(0)
+        assert torch.equal(got, want)
