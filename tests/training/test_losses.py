@@ -205,3 +205,30 @@ def test_excluded_cells_are_the_hits_and_padding_of_the_dense_definition(mask_hi
             want |= torch.eye(B, cand.shape[0], dtype=torch.bool)
         want |= (cand == 0).unsqueeze(0)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("interests", [1, 3])
+def test_losses_built_before_either_backward_keep_their_own_gradients(interests: int) -> None:
+    """The fused losses reuse their (B, C) blocks from one backward to the next forward; two losses
+    alive at once (gradient accumulation) must still each get their own numbers, and a second
+    backward through a graph whose block was reused must fail rather than read another's block."""
+    torch.manual_seed(1)
+    shape = (6, interests, 8) if interests > 1 else (6, 8)
+    u1, u2 = (F.normalize(torch.randn(*shape), dim=-1).requires_grad_() for _ in range(2))
+    v = F.normalize(torch.randn(9, 8), dim=-1).requires_grad_()
+    rows = torch.arange(1, 10)
+
+    def grads(u: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(retrieval_loss(u, v, rows, None, temperature=0.1), (u, v))
+
+    want1, want2 = grads(u1), grads(u2)
+    l1 = retrieval_loss(u1, v, rows, None, temperature=0.1)
+    l2 = retrieval_loss(u2, v, rows, None, temperature=0.1)
+    for got, want in zip(torch.autograd.grad(l2, (u2, v)) + torch.autograd.grad(l1, (u1, v)), want2 + want1):
+        torch.testing.assert_close(got, want)
+
+    kept = retrieval_loss(u1, v, rows, None, temperature=0.1)
+    kept.backward(retain_graph=True)
+    retrieval_loss(u2, v, rows, None, temperature=0.1).backward()  # takes the block ``kept`` gave back
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        kept.backward()
