@@ -224,7 +224,7 @@ def test_losses_built_before_either_backward_keep_their_own_gradients(interests:
     want1, want2 = grads(u1), grads(u2)
     l1 = retrieval_loss(u1, v, rows, None, temperature=0.1)
     l2 = retrieval_loss(u2, v, rows, None, temperature=0.1)
-    for got, want in zip(torch.autograd.grad(l2, (u2, v)) + torch.autograd.grad(l1, (u1, v)), want2 + want1):
+    for got, want in zip(torch.autograd.grad(l2, (u2, v)) + torch.autograd.grad(l1, (u1, v)), want2 + want1, strict=True):
         torch.testing.assert_close(got, want)
 
     kept = retrieval_loss(u1, v, rows, None, temperature=0.1)
