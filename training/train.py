@@ -503,12 +503,14 @@ class TrainState:
 
 
 def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any], gen_neg: Any,
-               gen_drop: Any) -> Any:
+               gen_drop: Any, positives: Any = None) -> Any:
     """The loss of one batch on this rank: its users against the candidates of EVERY rank (all
     positives, then the shared pool of sampled negatives), so the negatives are the global batch.
 
     Returns this rank's share of the global mean: averaged over ranks (as DDP averages gradients),
-    it is the loss one process computes on the concatenated batch.
+    it is the loss one process computes on the concatenated batch. ``positives``: when the caller
+    started gathering every rank's positive rows for this batch already (``with_positives``), the
+    function that waits for them.
     """
     import torch
 
@@ -530,7 +532,7 @@ def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any]
     # averaged with the rest (DDP for the dense layers, average_table_grads for the id rows), which
     # by linearity is the gradient of one process on the concatenated batch. Gathering the vectors
     # instead (all_gather with autograd) cost two more collectives a step, one of them in backward.
-    rows = dist.gather(pos)
+    rows = [r.to(dev) for r in positives()] if positives is not None else dist.gather(pos)
     cand = torch.cat([rows[r]] + [rows[j] for j in range(W) if j != r] + [pool])  # (W b + M,) own first
     if built.full_items:
         u, v_all = built.pair(ubatch, built.item_table)  # (b, D), (N + 1, D)
@@ -549,6 +551,25 @@ def batch_loss(cfg: TrainConfig, built: Built, dist: Dist, batch: dict[str, Any]
     w = batch["weight"].to(dev).to(per_row.dtype)
     total_w = dist.sum(w.sum().detach())
     return (per_row * w).sum() * W / total_w.clamp_min(1e-12)
+
+
+def with_positives(batches: Any, dist: Dist) -> Any:
+    """(batch, a wait for every rank's positive rows of it), the next batch's all_gather already
+    under way while this one trains: that gather is the first collective of a step, where a rank
+    otherwise waits a round trip (1-3 ms over gloo on the benchmark machine) before it can build the
+    global candidate list. One process: nothing to gather (None)."""
+    if not dist.active:
+        for batch in batches:
+            yield batch, None
+        return
+    it = iter(batches)
+    batch = next(it, None)
+    pending = dist.gather_soon(batch["item_row"]) if batch is not None else None
+    while batch is not None:
+        nxt = next(it, None)
+        following = dist.gather_soon(nxt["item_row"]) if nxt is not None else None
+        yield batch, pending
+        batch, pending = nxt, following
 
 
 def total_steps(cfg: TrainConfig, steps: int) -> int:
@@ -579,12 +600,12 @@ def train_epoch(cfg: TrainConfig, built: Built, batches: Any, steps: int, epoch:
     t0 = time.perf_counter()
     total_loss, seen = 0.0, 0
     opts = built.optimizers
-    for s, batch in enumerate(itertools.islice(batches, todo)):
+    for s, (batch, positives) in enumerate(with_positives(itertools.islice(batches, todo), dist)):
         b = int(batch["item_row"].shape[0])
         if b * dist.world < 2 and built.sampler.in_batch and built.sampler.num_extra == 0:
             continue  # a lone row has no in-batch negative
         try:
-            loss = batch_loss(cfg, built, dist, batch, gen_neg, gen_drop)
+            loss = batch_loss(cfg, built, dist, batch, gen_neg, gen_drop, positives)
             if cfg.lr_schedule == "cosine":
                 # a function of the global step only, so a resumed run follows the same curve
                 opts.set_lr_factor(0.5 * (1.0 + math.cos(math.pi * ((epoch - 1) * steps + s) / max(1, run_steps))))
