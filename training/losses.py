@@ -292,8 +292,9 @@ class _InterestPartition(torch.autograd.Function):
     """``_SoftmaxPartition`` for (B, K, D) multi-interest users: logit_ij = logsumexp_k(u_ik . c_j / t)
     - logq_j. Autograd keeps several (B, K, C) temporaries (matmul, scaled, exp, normalised) and runs
     as many elementwise passes; this keeps one (each interest's share of the soft maximum) and one
-    (B, C) block. Forward + backward at 512 users x 3 interests x 768 candidates: 11.4 ms against
-    14.5 ms for the same loss in autograd (``benchmarks/interests.py``, BENCHMARKS.md)."""
+    (B, C) block, both reused from step to step (``_Blocks``). Forward + backward at 512 users x 3
+    interests x 768 candidates: 6.6 ms against 12.5 ms for the same loss in autograd
+    (``benchmarks/interests.py --loss-only``, BENCHMARKS.md)."""
 
     @staticmethod
     def forward(ctx: Any, pos: torch.Tensor, user_vecs: torch.Tensor, cand_vecs: torch.Tensor,
