@@ -79,6 +79,7 @@ def loss_timing(interests: list[int], repeats: int = 30) -> list[dict[str, Any]]
     import torch
     import torch.nn.functional as F
 
+    from training import losses
     from training.losses import retrieval_loss
 
     B, C, D, t = 512, 768, 64, 0.12
@@ -99,6 +100,7 @@ def loss_timing(interests: list[int], repeats: int = 30) -> list[dict[str, Any]]
             fn()
         return (time.perf_counter() - t0) / repeats * 1e3
 
+    none = torch.zeros(B, C, dtype=torch.bool)
     out = []
     for k in interests:
         u = F.normalize(torch.randn(B, k, D, generator=gen), dim=-1)
@@ -107,7 +109,17 @@ def loss_timing(interests: list[int], repeats: int = 30) -> list[dict[str, Any]]
         ua = u.clone().requires_grad_()
         fused = clock(lambda uk=uk, v=v: retrieval_loss(uk, v, rows, logq, temperature=t).backward())
         auto = clock(lambda ua=ua, v=v: autograd_loss(ua, v).backward())
-        out.append({"interests": k, "fused_ms": fused, "autograd_ms": auto})
+        # the two hand-written parts of the fused path, each undone alone: a fresh block every step
+        # (no reuse), and the dense (B, C) excluded mask (an all-False history mask forces it)
+        keep, losses._BLOCKS.keep = losses._BLOCKS.keep, 0
+        try:
+            fresh = clock(lambda uk=uk, v=v: retrieval_loss(uk, v, rows, logq, temperature=t).backward())
+        finally:
+            losses._BLOCKS.keep = keep
+        dense = clock(lambda uk=uk, v=v: retrieval_loss(uk, v, rows, logq, temperature=t,
+                                                        history_mask=none).backward())
+        out.append({"interests": k, "fused_ms": fused, "autograd_ms": auto, "fresh_blocks_ms": fresh,
+                    "dense_mask_ms": dense})
     return out
 
 
@@ -141,12 +153,20 @@ def render(doc: dict[str, Any]) -> str:
              "loss; the rest of this page is from the run above.") if doc.get("loss_when") else ""
     lines += ["", "The training loss per step (forward + backward; 512 users against 768 candidates, dim 64, "
               f"temperature 0.12; mean of {doc['loss_repeats']} steps).{again}", "",
-              "| interests | `_InterestPartition` (fused) ms | autograd ms | autograd / fused |",
-              "|---|---|---|---|"]
+              "| interests | `_InterestPartition` (fused) ms | autograd ms | autograd / fused | "
+              "fused, a fresh block each step ms | fused, dense excluded mask ms |",
+              "|---|---|---|---|---|---|"]
     for r in doc["loss"]:
         fused_name = "fused" if r["interests"] > 1 else "`_SoftmaxPartition`"
+        extra = [f"{r[key]:.2f} ({r[key] / r['fused_ms']:.2f}x)" if key in r else "-"
+                 for key in ("fresh_blocks_ms", "dense_mask_ms")]
         lines.append(f"| {r['interests']} | {r['fused_ms']:.2f} ({fused_name}) | {r['autograd_ms']:.2f} | "
-                     f"{r['autograd_ms'] / r['fused_ms']:.2f}x |")
+                     f"{r['autograd_ms'] / r['fused_ms']:.2f}x | {extra[0]} | {extra[1]} |")
+    if any("fresh_blocks_ms" in r for r in doc["loss"]):
+        lines += ["", "The last two columns undo one hand-written part of the fused loss each "
+                  "(`training/losses.py`): `_Blocks` (one step's (B, C) blocks reused by the next, where a fresh "
+                  "block's first writes are page faults) and the listed excluded cells (`_excluded_cells`, where "
+                  "a dense (B, C) comparison and a boolean `masked_fill_` cost more than the block's `exp`)."]
     lines += ["", "- One vector is pooled from the history in proportion to it, so the share of a minority "
               "topic decides how far the vector leans its way: the first topic-share rows are where one "
               "vector falls behind EASE, and where several interests catch up.",
