@@ -232,3 +232,31 @@ def test_losses_built_before_either_backward_keep_their_own_gradients(interests:
     retrieval_loss(u2, v, rows, None, temperature=0.1).backward()  # takes the block ``kept`` gave back
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         kept.backward()
+
+
+@pytest.mark.parametrize("temperature", [0.1, 0.01])  # the direct exp and the max-shifted path
+@pytest.mark.parametrize("chunk_rows", [1, 3, 100])
+def test_multi_interest_loss_in_row_chunks_matches_autograd(monkeypatch: pytest.MonkeyPatch, temperature: float,
+                                                            chunk_rows: int) -> None:
+    """The multi-interest partition runs over a few users at a time (so each block stays in cache):
+    any chunking gives the loss and gradients of the plain autograd formula, accidental hits,
+    padding candidates and the logQ correction included."""
+    from training import losses
+
+    B, K, C, D = 7, 3, 12, 5
+    monkeypatch.setattr(losses, "_CHUNK_FLOATS", chunk_rows * K * C)
+    torch.manual_seed(2)
+    u = F.normalize(torch.randn(B, K, D, dtype=torch.float64), dim=-1).requires_grad_()
+    v = F.normalize(torch.randn(C, D, dtype=torch.float64), dim=-1).requires_grad_()
+    rows = torch.tensor([4, 2, 4, 7, 1, 9, 2, 4, 0, 3, 7, 5])  # repeats, and a padding row (0)
+    logq = torch.randn(C, dtype=torch.float64)
+    loss = retrieval_loss(u, v, rows, logq, temperature=temperature)
+    gu, gv = torch.autograd.grad(loss, (u, v))
+    logits = torch.logsumexp(torch.einsum("bkd,cd->bkc", u, v) / temperature, dim=1) - logq  # (B, C)
+    neg = (rows.unsqueeze(0) != rows[:B].unsqueeze(1)) & (rows != 0).unsqueeze(0)
+    keep = neg | torch.eye(B, C, dtype=torch.bool)
+    ref = (torch.logsumexp(logits.masked_fill(~keep, float("-inf")), 1) - logits.diagonal()).mean()
+    ru, rv = torch.autograd.grad(ref, (u, v))
+    assert float(loss.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    torch.testing.assert_close(gu, ru)
+    torch.testing.assert_close(gv, rv)
