@@ -162,6 +162,7 @@ def train_once(name: str, data: Path, args: argparse.Namespace, *extra: str, ste
            "peak_rss_mb_per_rank": m.get("peak_rss_mb_per_rank"), "ranks": m.get("ranks", 1),
            "test_hr50": (m.get("test") or {}).get("masked", {}).get("HR@50"),
            "eval_users": c["dataset"].get("eval_users"), "examples_per_epoch": c["dataset"]["examples"],
+           "history_encoder": c["train"]["history_encoder"], "interests": c["train"]["interests"],
            "version": version, "artifacts": str(art)}
     out["s_per_epoch"] = out["examples_per_epoch"] / max(out["examples_per_s"], 1e-9)
     if not keep:
@@ -398,7 +399,7 @@ def render(res: dict[str, Any]) -> str:
                   f"the generator that wrote them: {top['gen_peak_rss_mb']:,.0f} MiB", ""]
     p = res.get("procs")
     if p:
-        prow = p.get("rows") or [{"batch": (run_of(res, "procs").get("args") or {}).get("batch_size"), **p}]
+        prow = p["rows"]
         lines += ["### 1 vs 2 processes (one thread each, the 2 cores)", "",
                   f"{p['users']:,} users, same budget and global batch (each rank trains half of it against the "
                   "whole global candidate list); `twotower train --nproc 2` (torchrun, gloo).", "",
@@ -431,8 +432,8 @@ def render(res: dict[str, Any]) -> str:
         fastest = max(m["positives_per_s"] for m in rh["models"].values())
         mean = rh.get("ours_mean")
         if ours:
-            lines.append(f"| ours, defaults (youtubednn, attention over the history, "
-                         f"{'3 interests' if mean else 'mixed negatives'}) | {_f(ours['examples_per_s'])} | - | "
+            lines.append(f"| ours, defaults (youtubednn, {ours.get('history_encoder', '?')} over the history, "
+                         f"{ours.get('interests', '?')} interests) | {_f(ours['examples_per_s'])} | - | "
                          f"{_f(ours['peak_rss_mb'])} |")
         if mean:
             lines.append(f"| ours, their model (mean of the history, one vector per user) | "

@@ -101,13 +101,7 @@ class Dist:
     # ------------------------------------------------------------------ collectives
     def gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``t`` (same shape), in rank order; no gradient."""
-        if not self.active:
-            return [t]
-        import torch.distributed as dist
-
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(out, t.contiguous(), group=self._group_for(t))
-        return out
+        return self.gather_soon(t)()
 
     def gather_soon(self, t: torch.Tensor) -> Any:
         """``gather`` started now and finished in the background: returns a function that waits
@@ -167,9 +161,9 @@ class Dist:
             dist.barrier(group=self._cpu_group)
 
     @staticmethod
-    def _head_slots(tables: int, dtype: torch.dtype) -> int:
-        """Value-dtype slots that hold ``tables`` int64 row counts."""
-        return tables * 8 // (torch.finfo(dtype).bits // 8)
+    def _long_slots(n: int, dtype: torch.dtype) -> int:
+        """Slots of ``dtype`` that hold ``n`` int64s (row numbers and counts ride in the value buffer)."""
+        return n * 8 // dtype.itemsize
 
     def _gather_rows(self, grads: list[torch.Tensor], need: list[int], budget: list[int]) -> list[torch.Tensor]:
         """One all_gather of [row counts; per table: values and row numbers, padded or cut to its
@@ -192,9 +186,9 @@ class Dist:
         budget that every rank pads to, kept from step to step and raised (1/8 above the largest
         count, on every rank alike since all see the same counts) in the rare step where some rank
         had more rows than it, which then sends again. A step used to start with an all-reduce of
-        the counts instead: one more round trip, 1-2 ms over gloo on the benchmark machine. Gloo's own sparse all-reduce exchanges sizes, indices and values per table (3+
-        round trips each): 6.5 ms for 4k rows of 64 on two local ranks, against 2.2 ms for one
-        all_gather of the same bytes (BENCHMARKS.md, "1 vs 2 processes"). Dense gradients (and mixed
+        the counts instead: one more round trip, 1-2 ms over gloo on the benchmark machine. Gloo's
+        own sparse all-reduce exchanges sizes, indices and values per table (3+ round trips each):
+        6.5 ms for 4k rows of 64 on two local ranks, against 2.2 ms for one all_gather of the same bytes (BENCHMARKS.md, "1 vs 2 processes"). Dense gradients (and mixed
         dtypes) take the plain all-reduce.
         """
         if not self.active:
@@ -220,7 +214,7 @@ class Dist:
         out = self._gather_rows(grads, need, self._grad_rows)
         # every rank's row counts lead its buffer; a rank with more rows than the budget sent only
         # the budget, so every rank sees that, raises the same budget and sends again
-        head = self._head_slots(len(grads), dtype)
+        head = self._long_slots(len(grads), dtype)
         counts = torch.stack([o[:head].view(torch.long) for o in out])  # (world, tables)
         most = counts.amax(0).tolist()
         if any(n > b for n, b in zip(most, self._grad_rows, strict=True)):
@@ -229,7 +223,7 @@ class Dist:
         at = head
         for p, g, n in zip(sparse, grads, self._grad_rows, strict=True):
             width = g.values().shape[1]
-            nv, ni = n * width, n * 8 // g.values().element_size()  # int64 rows in value-sized slots
+            nv, ni = n * width, self._long_slots(n, dtype)
             vals = torch.cat([o[at:at + nv].view(n, width) for o in out])
             rows = torch.cat([o[at + nv:at + nv + ni].view(torch.long) for o in out])
             at += nv + ni

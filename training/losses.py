@@ -152,14 +152,14 @@ def _parts(user_vecs: torch.Tensor, item_vecs: torch.Tensor, item_rows: torch.Te
 
 def _excluded_cells(pos_rows: torch.Tensor, cand_rows: torch.Tensor, mask_accidental_hits: bool,
                     in_batch_negatives: bool) -> torch.Tensor:
-    """The (row, candidate) cells that are not negatives, as flat indices into the (B, K) block:
+    """The (row, candidate) cells that are not negatives, as sorted flat indices into the (B, K) block:
     the row's own positive wherever it appears among the candidates (with ``mask_accidental_hits``;
     otherwise only its own slot), and every padding candidate (row 0).
 
     A sort-merge join of the B positives against the K candidate rows: a handful of cells per row,
     where the dense (B, K) comparison and ``masked_fill_`` with a boolean mask each cost more than
-    an exponential of the whole block on a CPU (1024 x 1280: 1.7 and 2-3 ms, against 0.03 ms to fill
-    the listed cells).
+    an exponential of the whole block on a CPU (a microbenchmark while writing this, 1024 x 1280:
+    1.7 and 2-3 ms, against 0.03 ms to fill the listed cells; the A/B in benchmarks/interests.py).
     """
     B, K = pos_rows.shape[0], cand_rows.shape[0]
     dev = pos_rows.device
@@ -178,7 +178,7 @@ def _excluded_cells(pos_rows: torch.Tensor, cand_rows: torch.Tensor, mask_accide
     pad = torch.nonzero(cand_rows == 0).squeeze(1)
     if pad.numel():
         cells = torch.cat([cells, (torch.arange(B, device=dev).unsqueeze(1) * K + pad.unsqueeze(0)).reshape(-1)])
-    return cells
+    return cells.sort().values  # ascending: a range of rows is a slice (``_exclude_``)
 
 
 def _dense_cells(cells: torch.Tensor, B: int, K: int) -> torch.Tensor:
@@ -188,11 +188,15 @@ def _dense_cells(cells: torch.Tensor, B: int, K: int) -> torch.Tensor:
     return torch.zeros(B * K, dtype=torch.bool, device=cells.device).index_fill_(0, cells, True).view(B, K)
 
 
-def _exclude_(z: torch.Tensor, excluded: torch.Tensor) -> torch.Tensor:
-    """-inf into the excluded cells of the (B, K) block ``z``: a boolean mask or flat cell indices."""
+def _exclude_(z: torch.Tensor, excluded: torch.Tensor, first_row: int = 0) -> torch.Tensor:
+    """-inf into the excluded cells of ``z``, rows ``first_row:`` of the (B, K) block: ``excluded``
+    is the whole block's boolean mask or its sorted flat cell indices (``_excluded_cells``)."""
+    r, K = z.shape
     if excluded.dtype == torch.bool:
-        return z.masked_fill_(excluded, float("-inf"))
-    return z.view(-1).index_fill_(0, excluded, float("-inf")).view(z.shape)
+        return z.masked_fill_(excluded[first_row:first_row + r], float("-inf"))
+    lo, hi = torch.searchsorted(excluded, torch.tensor([first_row * K, (first_row + r) * K],
+                                                       device=excluded.device)).tolist()
+    return z.view(-1).index_fill_(0, excluded[lo:hi] - first_row * K, float("-inf")).view(z.shape)
 
 
 def _neg_logits(user_vecs: torch.Tensor, cand_vecs: torch.Tensor, sampling_logq: torch.Tensor | None,
@@ -206,8 +210,8 @@ class _Blocks:
 
     A fresh block of a few MB is handed out by the C allocator as new pages, and the first write to
     each page is a page fault: at 1024 x 1280 floats, 1,280 faults and ~3 ms, against 0.3 ms for the
-    same product into memory already touched (about 10 percent of a training step on the benchmark
-    machine, twice per step). A forward ``take``s its blocks and its backward ``give``s them back
+    same product into memory already touched, twice per step (a microbenchmark while writing this;
+    the A/B in benchmarks/interests.py). A forward ``take``s its blocks and its backward ``give``s them back
     after their last read, so one step's blocks serve the next step's forward. A forward whose
     backward never runs (no gradient wanted) returns them itself; one whose backward does not come
     before the next forward (accumulating several losses) just means fresh blocks for that one.
@@ -304,7 +308,6 @@ class _InterestPartition(torch.autograd.Function):
         w, z = _BLOCKS.take((B, K, C), user_vecs), _BLOCKS.take((B, C), user_vecs)
         m, lse = pos.new_empty(B), pos.new_empty(B)
         u2, inv = user_vecs.reshape(B * K, D), 1.0 / temperature
-        cells = excluded.sort().values if excluded.dtype == torch.long else None
         for i, j in _row_chunks(B, K * C):
             wc, zc = w[i:j], z[i:j]  # (r, K, C), (r, C)
 
@@ -328,11 +331,7 @@ class _InterestPartition(torch.autograd.Function):
                 zc.add_(top)
             if bias is not None:
                 zc.add_(bias.unsqueeze(0))
-            if cells is None:
-                zc.masked_fill_(excluded[i:j], float("-inf"))
-            else:  # this chunk's cells of the sorted flat list
-                lo, hi = torch.searchsorted(cells, torch.tensor([i * C, j * C], device=cells.device)).tolist()
-                zc.view(-1).index_fill_(0, cells[lo:hi] - i * C, float("-inf"))
+            _exclude_(zc, excluded, i)
             mc = torch.maximum(zc.amax(dim=1), pos[i:j])  # (r,)
             zc.sub_(mc.unsqueeze(1)).exp_()  # exp(logit - m), 0 where excluded
             m[i:j] = mc
@@ -352,11 +351,9 @@ class _InterestPartition(torch.autograd.Function):
         u2 = user_vecs.reshape(B * K, D)
         scale = grad * torch.exp(m - lse)  # (B,): d lse / d logit = z * scale
         grad_pos = grad * torch.exp(pos - lse)
-        want_u, want_c = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        want_bias = ctx.has_bias and ctx.needs_input_grad[3]
-        grad_u = u2.new_empty(B * K, D) if want_u else None
-        grad_c = cand_vecs.new_zeros(C, D) if want_c else None
-        grad_bias = cand_vecs.new_zeros(C) if want_bias else None
+        grad_u = u2.new_empty(B * K, D) if ctx.needs_input_grad[1] else None
+        grad_c = cand_vecs.new_zeros(C, D) if ctx.needs_input_grad[2] else None
+        grad_bias = cand_vecs.new_zeros(C) if ctx.has_bias and ctx.needs_input_grad[3] else None
         for i, j in _row_chunks(B, K * C):
             # in place: neither block is read again
             g = z[i:j].mul_(scale[i:j].unsqueeze(1))  # (r, C)
@@ -374,7 +371,7 @@ class _InterestPartition(torch.autograd.Function):
 
 
 # rows of users per pass of the multi-interest partition: a (rows, K, C) block of about 4 MB stays in
-# the cache between its elementwise passes, where the whole block (200 MB at 4096 users x 3
+# the cache between its elementwise passes, where the whole block (214 MB at 4096 users x 3
 # interests x 4352 candidates) went to memory and back on each
 _CHUNK_FLOATS = 1 << 20
 
