@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -123,6 +124,55 @@ def loss_timing(interests: list[int], repeats: int = 30) -> list[dict[str, Any]]
     return out
 
 
+# One step of the attention history encoder (forward + backward, 512 users x 50 items x 64, 3
+# interests, 1 thread), in a process of its own: the allocator setting is process-wide.
+# argv: "shipped" | "textbook" (tanh and indexing, as the encoder was written before), then
+# "reuse" | "default" (training.memory.reuse_freed_blocks applied or not), then the repeats.
+_ENCODER_PROBE = r"""
+import json, resource, sys, time
+import torch
+from towers.model import AttentionHistory, history_ages
+from training.memory import reuse_freed_blocks
+form, alloc, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if alloc == "reuse":
+    reuse_freed_blocks()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+enc = AttentionHistory(64, 50, 3)
+table = torch.nn.Parameter(torch.randn(20_000, 64) * 0.05)
+rows = torch.randint(1, 20_000, (512, 50))
+rows[torch.arange(50)[None, :] >= torch.randint(5, 51, (512, 1))] = 0
+
+def textbook(table, rows):
+    e = table[rows]
+    h = torch.tanh(enc.proj(e + enc.age(history_ages(rows))))
+    a = torch.softmax(enc.score(h).masked_fill((rows == 0).unsqueeze(-1), -1e9), dim=1)
+    return torch.einsum("blk,ble->bke", a, e)
+
+fn = enc if form == "shipped" else textbook
+def step():
+    table.grad = None
+    fn(table, rows).pow(2).sum().backward()
+for _ in range(3):
+    step()
+f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+for _ in range(repeats):
+    step()
+print(json.dumps({"ms": (time.perf_counter() - t0) / repeats * 1e3,
+                  "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeats}))
+"""
+
+
+def encoder_timing(repeats: int = 30) -> list[dict[str, Any]]:
+    """The attention encoder's step as shipped, and with each of its two speed-ups undone alone."""
+    out = []
+    for form, alloc in (("shipped", "reuse"), ("shipped", "default"), ("textbook", "reuse"), ("textbook", "default")):
+        res = subprocess.run([sys.executable, "-c", _ENCODER_PROBE, form, alloc, str(repeats)], cwd=REPO,
+                             capture_output=True, text=True, check=True)
+        out.append({"form": form, "alloc": alloc, **json.loads(res.stdout.strip().splitlines()[-1])})
+    return out
+
+
 def groups(hits: dict[str, np.ndarray], kinds: np.ndarray, share: np.ndarray) -> list[dict[str, Any]]:
     """HR@50 of every model over each group of test users (all; by kind; topic picks by share)."""
     sels = [("**all**", np.ones(len(kinds), dtype=bool))]
@@ -152,7 +202,8 @@ def render(doc: dict[str, Any]) -> str:
              f"{doc['loss_load'][0]:.1f} at the start, {doc['loss_load'][1]:.1f} at the end), after a change to the "
              "loss; the rest of this page is from the run above.") if doc.get("loss_when") else ""
     lines += ["", "The training loss per step (forward + backward; 512 users against 768 candidates, dim 64, "
-              f"temperature 0.12; mean of {doc['loss_repeats']} steps).{again}", "",
+              f"temperature 0.12; mean of {doc['loss_repeats']} steps; the training job's allocator settings, "
+              f"`training.memory.reuse_freed_blocks`).{again}", "",
               "| interests | `_InterestPartition` (fused) ms | autograd ms | autograd / fused | "
               "fused, a fresh block each step ms | fused, dense excluded mask ms |",
               "|---|---|---|---|---|---|"]
@@ -167,6 +218,20 @@ def render(doc: dict[str, Any]) -> str:
                   "(`training/losses.py`): `_Blocks` (one step's (B, C) blocks reused by the next, where a fresh "
                   "block's first writes are page faults) and the listed excluded cells (`_excluded_cells`, where "
                   "a dense (B, C) comparison and a boolean `masked_fill_` cost more than the block's `exp`)."]
+    if doc.get("encoder"):
+        base = doc["encoder"][0]["ms"]
+        label = {("shipped", "reuse"): "as shipped", ("shipped", "default"): "glibc's default allocator",
+                 ("textbook", "reuse"): "tanh and indexing", ("textbook", "default"): "both undone (as before)"}
+        lines += ["", "The attention history encoder per step (forward + backward; 512 users x 50 items x 64, "
+                  f"3 interests, 1 thread; mean of {doc['loss_repeats']} steps, each form in a process of its own):",
+                  "", "| encoder | ms | / as shipped | page faults per step |", "|---|---|---|---|"]
+        for r in doc["encoder"]:
+            lines.append(f"| {label[(r['form'], r['alloc'])]} | {r['ms']:.2f} | {r['ms'] / base:.2f}x | {r['faults']:,.0f} |")
+        lines += ["", "Its two hand-written parts: the scorer computed as 2 score(sigmoid(2 x)) instead of "
+                  "score(tanh(x)) (the same attention: the constant it drops cancels in the softmax; torch's CPU "
+                  "tanh costs ~5x its sigmoid) with `F.embedding` gathers instead of indexing (`towers/model.py`), "
+                  "and `training.memory.reuse_freed_blocks` (glibc keeps a step's freed blocks for the next one "
+                  "instead of faulting new pages in; the training job applies it at start)."]
     lines += ["", "- One vector is pooled from the history in proportion to it, so the share of a minority "
               "topic decides how far the vector leans its way: the first topic-share rows are where one "
               "vector falls behind EASE, and where several interests catch up.",
@@ -183,13 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS / "interests.md")
     ap.add_argument("--repeats", type=int, default=30, help="loss timing: steps per measurement")
     ap.add_argument("--loss-only", action="store_true",
-                    help="measure only the loss timing again and re-render the stored run with it")
+                    help="measure only the step timings (loss, encoder) again and re-render the stored run with them")
     args = ap.parse_args(argv)
     ks = [int(x) for x in args.interests.split(",") if x]
     import torch
 
+    from training.memory import reuse_freed_blocks
     from training.train import idle_cores
 
+    reuse_freed_blocks()  # the loss is timed under the training job's allocator settings
     threads = int(idle_cores())
     torch.set_num_threads(threads)
     load0 = os.getloadavg()[0]
@@ -199,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(args.out.with_suffix(".json").read_text())
         torch.set_num_threads(doc["threads"])
         loss = loss_timing([r["interests"] for r in doc["loss"]], args.repeats)
-        doc.update(loss=loss, loss_repeats=args.repeats, loss_command=cmd, loss_load=[load0, os.getloadavg()[0]],
+        doc.update(loss=loss, encoder=encoder_timing(args.repeats), loss_repeats=args.repeats, loss_command=cmd, loss_load=[load0, os.getloadavg()[0]],
                    loss_when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
         args.out.with_suffix(".json").write_text(json.dumps(doc))
         args.out.write_text(render(doc))
@@ -224,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{col}: test HR@50 {np.mean(h):.4f} in {secs:.1f}s", flush=True)
     loss = loss_timing(ks if 1 in ks else [1, *ks], args.repeats)
     doc = {"dataset": args.dataset, "interests": ks, "users": int(ev.n_users), "groups": groups(hits, kinds, share),
-           "train_s": train_s, "loss": loss, "loss_repeats": args.repeats,
+           "train_s": train_s, "loss": loss, "encoder": encoder_timing(args.repeats), "loss_repeats": args.repeats,
            "threads": threads, "command": cmd, "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "load": [load0, os.getloadavg()[0]]}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -200,9 +200,16 @@ class AttentionHistory(nn.Module):
         items = F.embedding(uniq, table, sparse=sparse)  # (U, E)
         e = F.embedding(inv, items)  # (B, L, E)
         ages = history_ages(rows).clamp_max(self.age.num_embeddings - 1)
-        per_item = F.linear(items, self.proj.weight)  # (U, E)
-        per_age = self.proj(self.age.weight)  # (max_len, E)
-        logits = self.score(torch.tanh(per_item[inv] + per_age[ages]))  # (B, L, K)
+        # the scorer is score(tanh(proj(e + age))), computed as 2 * score(sigmoid(2 proj(e + age))): tanh(x) =
+        # 2 sigmoid(2x) - 1, and the - score(1) it leaves out is one constant per interest, which the softmax
+        # over the history cancels. torch's CPU tanh costs 5x its sigmoid (4.9 vs 0.9 ms at 512 x 50 x 64,
+        # 1 thread), the largest part of the encoder. The doubling is applied to the (U, E) and (max_len, E)
+        # tables before the (B, L, E) gathers; F.embedding's backward (an index_add) beats indexing's
+        # (an accumulating index_put)
+        per_item = F.linear(items, self.proj.weight) * 2.0  # (U, E)
+        per_age = self.proj(self.age.weight) * 2.0  # (max_len, E)
+        h = torch.sigmoid(F.embedding(inv, per_item) + F.embedding(ages, per_age))  # (B, L, E)
+        logits = F.linear(h, self.score.weight * 2.0)  # (B, L, K)
         valid = (rows != 0).unsqueeze(-1)  # (B, L, 1)
         a = torch.softmax(logits.masked_fill(~valid, -1e9), dim=1) * valid.to(e.dtype)  # (B, L, K); 0 if empty
         if self.interests > 1:

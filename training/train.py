@@ -54,7 +54,7 @@ from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
 from training.defaults import DataStats, derive
 from training.distributed import Dist, RankLostError, is_collective_failure
-from training.memory import peak_rss_mb, release_freed_memory
+from training.memory import peak_rss_mb, release_freed_memory, reuse_freed_blocks
 from training.pipeline import MemoryBatches, build_examples, epoch_seed, loader, part_of
 
 log = logging.getLogger(__name__)
@@ -793,6 +793,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     import torch
 
     t_start = time.perf_counter()
+    reuse_freed_blocks()  # each step's tensors reuse the last step's pages (training/memory.py)
     device = _pick_device(cfg.device)
     dist = Dist.from_env(device.type)
     try:

@@ -149,6 +149,35 @@ def test_history_encoders_shapes_padding_and_empty_histories(name: str) -> None:
         assert not torch.allclose(enc(table, torch.tensor([[3, 5, 9, 0, 0, 0]])), out[:1])
 
 
+@pytest.mark.parametrize("interests", [1, 3])
+def test_attention_pooling_is_the_tanh_scorer_in_values_and_gradients(interests: int) -> None:
+    """The encoder computes its scores through a sigmoid (towers/model.py says why); what it pools,
+    and every parameter's gradient, must be those of the textbook scorer score(tanh(proj(e + age)))."""
+    from towers.model import AttentionHistory, history_ages
+
+    torch.manual_seed(1)
+    enc = AttentionHistory(8, 6, interests)
+    table = torch.randn(20, 8, requires_grad=True)
+    rows = torch.tensor([[3, 5, 7, 9, 0, 0], [4, 4, 11, 2, 8, 13], [6, 0, 0, 0, 0, 0]])
+
+    def textbook() -> torch.Tensor:
+        e = table[rows]  # (B, L, E)
+        h = torch.tanh(enc.proj(e + enc.age(history_ages(rows))))
+        logits = enc.score(h).masked_fill((rows == 0).unsqueeze(-1), float("-inf"))
+        a = torch.softmax(logits, dim=1)  # (B, L, K)
+        out = torch.einsum("blk,ble->bke", a, e)
+        return out if interests > 1 else out.squeeze(1)
+
+    params = [table, enc.proj.weight, enc.proj.bias, enc.age.weight, enc.score.weight]
+    got, want = enc(table, rows), textbook()
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    probe = torch.randn_like(want)
+    g_got = torch.autograd.grad((got * probe).sum(), params)
+    g_want = torch.autograd.grad((want * probe).sum(), params)
+    for name, a, b in zip(["table", "proj.weight", "proj.bias", "age", "score"], g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("name", ["recency", "attention", "transformer"])
 def test_order_aware_encoders_read_the_order(name: str) -> None:
     enc, table = _encoder(name)
