@@ -366,6 +366,19 @@ class ShardReader:
     def __init__(self, part: Partitioned, encoder: Any, history_len: int) -> None:
         # the encoder's own id -> row maps: at 5M users another index over the ids would cost ~0.2 GB
         self.part, self.encoder, self.history_len = part, encoder, history_len
+        self._kept: tuple[int, Any] | None = None
+
+    def keep(self, s: int, examples: Any) -> None:
+        """Hold shard ``s``'s examples for ``examples(s)``: a rank with ONE shard keeps the examples
+        its preparation pass built instead of reading and building them again every epoch (~0.9 s
+        of a 6 s epoch at 100k users). Memory stays one shard, the bound of the streamed path."""
+        self._kept = (s, examples)
+
+    def examples(self, s: int) -> Any:
+        """Shard ``s``'s training examples (the kept ones if ``keep`` holds that shard)."""
+        if self._kept is not None and self._kept[0] == s:
+            return self._kept[1]
+        return self.read(s).examples
 
     def read(self, s: int) -> ShardData:
         inter = read_shard_interactions(self.part, s)
@@ -393,7 +406,7 @@ class ShardBatches(EpochBatches):
         order = lap_order(len(self.shards), self.seed, self.epoch, self.rank, lap)[w::n]
         for k in order:
             s = self.shards[int(k)]
-            ex = self.reader.read(s).examples
+            ex = self.reader.examples(s)
             if len(ex):
                 yield take(ex, lap_order(len(ex), self.seed, self.epoch, self.rank * 7919 + s, lap))
 

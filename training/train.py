@@ -338,6 +338,8 @@ def prepare_stream(cfg: TrainConfig, dist: Dist, run: RunDir, src: Any) -> Prepa
             chosen = pd.Index(sp.valid["user_id"].to_numpy(dtype=object)[keep])
             sample.append(type(sp)(*(getattr(sp, k).loc[getattr(sp, k)["user_id"].isin(chosen)]
                                      for k in ("train", "valid", "test"))))
+    if len(mine) == 1:
+        reader.keep(mine[0], ex)  # the epochs train on what this pass built
     n_local = int(sizes[4])
     counts = dist.sum(torch.from_numpy(counts)).numpy()
     total = dist.sum(torch.from_numpy(sizes)).numpy()

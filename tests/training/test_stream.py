@@ -75,6 +75,40 @@ def test_shards_split_exactly_like_the_whole_log_in_memory(tmp_path: Path, log_w
     assert sum(len(u) for u in users_per_shard) == len(set().union(*users_per_shard))  # a user in one shard
 
 
+def test_a_kept_shard_trains_every_epoch_without_reading_its_files_again(tmp_path: Path) -> None:
+    """A rank with one shard keeps the examples its preparation pass built: every epoch trains on
+    exactly those, with the shard's files gone; a shard not kept is still read from disk."""
+    import shutil
+
+    from training.stream import ShardBatches
+
+    inter = load_data("synthetic", size="tiny", seed=3).interactions
+    _write_parts(inter, tmp_path / "src")
+    src = stream_source(tmp_path / "src")
+    assert src is not None
+    part, users, items = partition(src, tmp_path / "shards", shards=2)
+    _, _, catalogue, _, _ = side_tables(src, users, items, part.item_id_is_int)
+    enc = FeatureEncoder.fit(pd.DataFrame(index=pd.Index(sorted(inter["user_id"].unique()), dtype=object)),
+                             catalogue, [], [])
+    reader = ShardReader(part, enc, history_len=3)
+    kept = reader.read(0).examples
+    from_disk = reader.read(1).examples
+    reader.keep(0, kept)
+    shutil.rmtree(part.shard_dir(0))
+
+    def epoch_rows(shard: int, epoch: int) -> list[tuple[int, int]]:
+        batches = ShardBatches(reader, [shard], batch=16, seed=0, rank=0, full_batches=False)
+        batches.set_epoch(epoch)
+        return sorted((int(u), int(i)) for b in batches for u, i in zip(b["user_row"], b["item_row"], strict=True))
+
+    want = sorted(zip(kept.user_rows.tolist(), kept.item_rows.tolist(), strict=True))
+    assert len(want) > 16
+    assert epoch_rows(0, 1) == want and epoch_rows(0, 2) == want  # every example once an epoch
+    assert epoch_rows(1, 1) == sorted(zip(from_disk.user_rows.tolist(), from_disk.item_rows.tolist(), strict=True))
+    reader.keep(1, from_disk)  # keeping another shard lets the first one go: read again, from no files
+    assert epoch_rows(0, 3) == []
+
+
 def test_a_bad_row_in_a_later_part_names_the_file_and_row(tmp_path: Path, log_with_ties: pd.DataFrame) -> None:
     inter = log_with_ties.astype({"timestamp": object})
     inter.loc[9, "timestamp"] = "yesterday"  # the 10th row of the log: the 2nd of the 3rd part (4 + 4 + 3 rows)
