@@ -134,8 +134,7 @@ import torch
 from towers.model import AttentionHistory, history_ages
 from training.memory import reuse_freed_blocks
 form, alloc, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if alloc == "reuse":
-    reuse_freed_blocks()
+applied = reuse_freed_blocks() if alloc == "reuse" else None
 torch.set_num_threads(1)
 torch.manual_seed(0)
 enc = AttentionHistory(64, 50, 3)
@@ -158,19 +157,23 @@ for _ in range(3):
 f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
 for _ in range(repeats):
     step()
-print(json.dumps({"ms": (time.perf_counter() - t0) / repeats * 1e3,
+print(json.dumps({"applied": applied, "ms": (time.perf_counter() - t0) / repeats * 1e3,
                   "faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / repeats}))
 """
 
 
+def encoder_step(form: str, alloc: str, repeats: int) -> dict[str, Any]:
+    """{"applied", "ms", "faults"} per step of the encoder probe (``_ENCODER_PROBE``), in a new process."""
+    res = subprocess.run([sys.executable, "-c", _ENCODER_PROBE, form, alloc, str(repeats)], cwd=REPO,
+                         capture_output=True, text=True, check=True)
+    return {"form": form, "alloc": alloc, **json.loads(res.stdout.strip().splitlines()[-1])}
+
+
 def encoder_timing(repeats: int = 30) -> list[dict[str, Any]]:
     """The attention encoder's step as shipped, and with each of its two speed-ups undone alone."""
-    out = []
-    for form, alloc in (("shipped", "reuse"), ("shipped", "default"), ("textbook", "reuse"), ("textbook", "default")):
-        res = subprocess.run([sys.executable, "-c", _ENCODER_PROBE, form, alloc, str(repeats)], cwd=REPO,
-                             capture_output=True, text=True, check=True)
-        out.append({"form": form, "alloc": alloc, **json.loads(res.stdout.strip().splitlines()[-1])})
-    return out
+    return [encoder_step(form, alloc, repeats)
+            for form, alloc in (("shipped", "reuse"), ("shipped", "default"), ("textbook", "reuse"),
+                                ("textbook", "default"))]
 
 
 def groups(hits: dict[str, np.ndarray], kinds: np.ndarray, share: np.ndarray) -> list[dict[str, Any]]:

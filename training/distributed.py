@@ -188,8 +188,9 @@ class Dist:
         had more rows than it, which then sends again. A step used to start with an all-reduce of
         the counts instead: one more round trip, 1-2 ms over gloo on the benchmark machine. Gloo's
         own sparse all-reduce exchanges sizes, indices and values per table (3+ round trips each):
-        6.5 ms for 4k rows of 64 on two local ranks, against 2.2 ms for one all_gather of the same bytes (BENCHMARKS.md, "1 vs 2 processes"). Dense gradients (and mixed
-        dtypes) take the plain all-reduce.
+        6.5 ms for 4k rows of 64 on two local ranks, against 2.2 ms for one all_gather of the same
+        bytes (a standalone two-rank script when this was written; not a BENCHMARKS.md figure).
+        Dense gradients (and mixed dtypes) take the plain all-reduce.
         """
         if not self.active:
             return

@@ -47,12 +47,12 @@ def reuse_freed_blocks() -> bool:
     A step allocates and frees the same few-MB tensors every time ((batch, history, dim) blocks
     and their gradients). By default glibc serves such a block with a fresh ``mmap`` once it is
     over its (adaptive) threshold, or trims the heap's top after a free, so the next step's block
-    arrives as new pages and its first writes are page faults: ~2,000-4,000 a step in the attention
-    encoder at 512 x 50 x 64, more time than its arithmetic. With blocks under 32 MB kept in the
-    heap and the top trimmed only above 256 MB, the faults are gone (~160 a step) and the encoder's
-    forward + backward takes 17 instead of 25-34 ms; ML-100k trains in 47 s instead of 63 s
-    (BENCHMARKS.md). ``release_freed_memory`` still hands everything free back where the job asks
-    for it (between shards, before an evaluation). Returns whether the settings were applied."""
+    arrives as new pages and its first writes are page faults, more time than its arithmetic. With
+    blocks under 32 MB kept in the heap and the top trimmed only above 256 MB, the attention
+    encoder's forward + backward at 512 x 50 x 64 takes 23.6 instead of 41.4 ms, with 49 instead of
+    5,036 faults a step (``python benchmarks/interests.py --loss-only``, BENCHMARKS.md).
+    ``release_freed_memory`` still hands everything free back where the job asks for it (between
+    shards, before an evaluation). Returns whether the settings were applied."""
     lib = _glibc()
     if lib is None:
         return False
