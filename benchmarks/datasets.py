@@ -71,14 +71,23 @@ DATASETS: dict[str, str] = {
 KIND_TOPIC, KIND_NOISE, KIND_NEXT = 0, 1, 2
 
 
-def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(interactions, items) frames for ``shape``; the same shape gives the same rows, bit for bit.
+@dataclass(frozen=True)
+class World:
+    """What the generator draws before any interaction, and what a model has to discover: each item's
+    topic and popularity, the order of the walk inside each topic, each user's topics and their weights.
+    Not written to the benchmark's files."""
 
-    ``truth``: also what the generator knows and a model has to discover (not written to the
-    benchmark's files): each interaction's "kind" (KIND_TOPIC: a pick from one of the user's topics,
-    KIND_NOISE: a popular item from anywhere, KIND_NEXT: a neighbour of the previous item) and each
-    item's "topic"."""
-    rng = np.random.default_rng(shape.seed)
+    topic: np.ndarray         # (n_items,) topic of each item (generator item i = item id i + 1)
+    pop: np.ndarray           # (n_items,) unnormalised popularity, 1 / rank ** zipf_a
+    order: np.ndarray         # item numbers grouped by topic, each topic in its walk order
+    slot: np.ndarray          # (n_items,) each item's position in ``order``
+    starts: np.ndarray        # (n_topics,) where each topic's items start in ``order``
+    sizes: np.ndarray         # (n_topics,) items per topic
+    user_topics: np.ndarray   # (n_users, 3) the user's topics (the first ``k`` count)
+    weights: np.ndarray       # (n_users, 3) how often the user picks each of them (0 past ``k``)
+
+
+def _draw_world(shape: Shape, rng: np.random.Generator) -> World:
     n_items, n_topics = shape.n_items, shape.n_topics
     topic = rng.integers(0, n_topics, n_items)
     pop = 1.0 / (rng.permutation(n_items) + 1.0) ** shape.zipf_a  # global Zipf by a random rank
@@ -88,9 +97,58 @@ def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFr
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     slot = np.empty(n_items, dtype=np.int64)
     slot[order] = np.arange(n_items)  # item -> its slot in ``order``
+    n_users = shape.n_users
+    k = rng.integers(1, 4, n_users)  # 1-3 topics per user
+    user_topics = rng.integers(0, n_topics, (n_users, 3))
+    weights = rng.dirichlet(np.ones(3), n_users) * (np.arange(3)[None, :] < k[:, None])
+    weights /= weights.sum(axis=1, keepdims=True)
+    return World(topic=topic, pop=pop, order=order, slot=slot, starts=starts, sizes=sizes,
+                 user_topics=user_topics, weights=weights)
+
+
+def world(shape: Shape) -> World:
+    """The hidden draws behind ``generate(shape)`` (the same seed, the same draws)."""
+    return _draw_world(shape, np.random.default_rng(shape.seed))
+
+
+# a walk step moves geometric(WALK_P) positions, either way, clipped to the topic's ends
+WALK_P = 0.4
+_WALK_MAX = 40  # offsets past this carry < 1e-8 of the mass
+
+
+def next_item_probability(shape: Shape, w: World, user: int, last_item: int) -> np.ndarray:
+    """(n_items,) the generator's probability that ``user``'s next step draws each item, given the
+    item drawn before it (generator numbers: item id - 1). Items the user already has are redrawn by
+    the generator, so among the items not seen yet the ranking by this is the best any model can do:
+    the ceiling of seen-masked HR@K on this shape."""
+    t_w = np.zeros(shape.n_topics)
+    np.add.at(t_w, w.user_topics[user], w.weights[user])
+    topic_total = np.bincount(w.topic, weights=w.pop, minlength=shape.n_topics)
+    p = (1.0 - shape.noise - shape.p_next) * t_w[w.topic] * w.pop / topic_total[w.topic]
+    p += shape.noise * w.pop / w.pop.sum()
+    t = w.topic[last_item]
+    lo, hi = w.starts[t], w.starts[t] + w.sizes[t] - 1
+    for off in range(1, _WALK_MAX + 1):
+        mass = shape.p_next * WALK_P * (1.0 - WALK_P) ** (off - 1) / 2.0  # each direction
+        for sign in (-1, 1):
+            p[w.order[np.clip(w.slot[last_item] + sign * off, lo, hi)]] += mass
+    return p
+
+
+def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(interactions, items) frames for ``shape``; the same shape gives the same rows, bit for bit.
+
+    ``truth``: also what the generator knows and a model has to discover (not written to the
+    benchmark's files): each interaction's "kind" (KIND_TOPIC: a pick from one of the user's topics,
+    KIND_NOISE: a popular item from anywhere, KIND_NEXT: a neighbour of the previous item) and each
+    item's "topic"."""
+    rng = np.random.default_rng(shape.seed)
+    n_items, n_topics = shape.n_items, shape.n_topics
+    w = _draw_world(shape, rng)
+    topic, pop, order, slot, starts, sizes = w.topic, w.pop, w.order, w.slot, w.starts, w.sizes
+    user_topics, weights = w.user_topics, w.weights
     # popularity-weighted draws inside a topic: one cumulative array, topic t spans (t, t + 1]
-    w = pop[order]
-    csum = np.cumsum(w)
+    csum = np.cumsum(pop[order])
     before = np.concatenate([[0.0], csum])[starts][topic[order]]
     total = csum[starts + sizes - 1][topic[order]] - before
     cdf = topic[order] + (csum - before) / total
@@ -102,10 +160,6 @@ def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFr
         return order[np.minimum(pos, starts[t] + sizes[t] - 1)]
 
     n_users = shape.n_users
-    k = rng.integers(1, 4, n_users)  # 1-3 topics per user
-    user_topics = rng.integers(0, n_topics, (n_users, 3))
-    weights = rng.dirichlet(np.ones(3), n_users) * (np.arange(3)[None, :] < k[:, None])
-    weights /= weights.sum(axis=1, keepdims=True)
     sigma = 0.6
     length = np.round(shape.mean_len * np.exp(rng.normal(-sigma * sigma / 2, sigma, n_users)))
     length = np.clip(length, shape.min_len, n_items // 4).astype(np.int64)
@@ -123,7 +177,7 @@ def generate(shape: Shape, truth: bool = False) -> tuple[pd.DataFrame, pd.DataFr
         if step.any():
             p = prev[step]
             t = topic[p]
-            off = rng.geometric(0.4, int(step.sum())) * rng.choice([-1, 1], int(step.sum()))
+            off = rng.geometric(WALK_P, int(step.sum())) * rng.choice([-1, 1], int(step.sum()))
             s = np.clip(slot[p] + off, starts[t], starts[t] + sizes[t] - 1)
             cur[step] = order[s]
         users.append(np.arange(n_users))
