@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import datasets as bench_data  # noqa: E402
+from datasets import next_item_probability  # noqa: E402
 
 from training.baselines import DEFAULT_EASE_LAMBDA, ease_dtype, ease_scorer, fit_ease  # noqa: E402
 from training.data import load_data, split_leave_last_out  # noqa: E402
@@ -58,6 +59,54 @@ def target_truth(name: str, ev: Any) -> tuple[np.ndarray, np.ndarray]:
     share = np.array([float(np.mean(topic[ev.hist_cols[ev.hist_indptr[i]:ev.hist_indptr[i + 1]]] == topic[c]))
                       if ev.hist_indptr[i + 1] > ev.hist_indptr[i] else 0.0 for i, c in enumerate(tcol)])
     return kinds.astype(np.int64), share
+
+
+def ceiling_scorer(name: str, ev: Any) -> Any:
+    """Scores by the generator's own probability of each item being the user's next step
+    (``datasets.next_item_probability``): the best ranking any model can reach on this shape."""
+    import torch
+
+    shape = bench_data.SHAPES[name]
+    w = bench_data.world(shape)
+    gen_item = np.asarray(ev.item_ids, dtype=np.int64) - 1  # catalogue column -> generator item
+    gen_user = np.array([int(str(u)[1:]) for u in ev.user_ids])  # the generator's "u<n>" ids
+
+    def score(users: np.ndarray) -> Any:
+        out = np.zeros((len(users), len(gen_item)), dtype=np.float32)
+        for r, i in enumerate(users):
+            lo, hi = ev.hist_indptr[i], ev.hist_indptr[i + 1]
+            if hi > lo:  # every synthetic user has history before the target (min_len >= 3)
+                out[r] = next_item_probability(shape, w, int(gen_user[i]), int(gen_item[ev.hist_cols[hi - 1]]))[gen_item]
+        return torch.from_numpy(out)
+
+    return score
+
+
+def transitions_scorer(ev: Any, two_step_weight: float = 0.1) -> Any:
+    """A plain sequential baseline from the data alone: how often each item sat next to the user's
+    last item in anyone's history (either direction), plus ``two_step_weight`` times the same count
+    two steps away. Not tuned (one weight, written down before it ran)."""
+    import torch
+
+    n = ev.n_items
+    a, b = [], []
+    for i in range(ev.n_users):
+        h = ev.hist_cols[ev.hist_indptr[i]:ev.hist_indptr[i + 1]]  # time order
+        a.append(h[:-1])
+        b.append(h[1:])
+    src = np.concatenate(a + b)
+    dst = np.concatenate(b + a)
+    adj = torch.sparse_coo_tensor(torch.from_numpy(np.stack([src, dst])), torch.ones(len(src)), (n, n),
+                                  check_invariants=True).coalesce()
+    last = torch.from_numpy(ev.hist_cols[ev.hist_indptr[1:] - 1].astype(np.int64))
+
+    def score(users: np.ndarray) -> Any:
+        sel = torch.zeros(len(users), n)
+        sel[torch.arange(len(users)), last[users]] = 1.0  # one-hot of each user's last item
+        one = torch.sparse.mm(adj, sel.T).T  # (B, N) neighbours' counts (the matrix is symmetric)
+        return one + two_step_weight * torch.sparse.mm(adj, one.T).T
+
+    return score
 
 
 def train_and_score(spec: str, data: Any, ev: Any, interests: int, workdir: Path) -> tuple[np.ndarray, float]:
@@ -189,18 +238,31 @@ def groups(hits: dict[str, np.ndarray], kinds: np.ndarray, share: np.ndarray) ->
 def render(doc: dict[str, Any]) -> str:
     ks = doc["interests"]
     cols = ["EASE", *[f"{k} interest{'s' if k > 1 else ''}" for k in ks]]
+    diag = [c for c in ("transitions", "ceiling") if c in doc["groups"][0]["hr"]]  # runs before 2026-12-07 lack them
+    heads = cols + [{"transitions": "last item's neighbours", "ceiling": "ceiling"}[c] for c in diag]
+    cols = cols + diag
     lines = [f"## Multi-interest users: {doc['dataset']}, by how the held-out item was drawn", "",
              f"Run {doc['when']} with `{doc['command']}` (1-min load average {doc['load'][0]:.1f} at the start, "
              f"{doc['load'][1]:.1f} at the end; {doc['threads']} torch threads). Test HR@50, seen items masked, "
              f"{doc['users']:,} test users; every model trained with the shipped defaults on the same split, "
              "only the number of interests differs. Groups come from the generator's own record of each "
              "interaction (not an input of any model).", "",
-             "| test item | users | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+             "| test item | users | " + " | ".join(heads) + " |", "|---" * (len(cols) + 2) + "|"]
 
     for g in doc["groups"]:
         vals = [f"{g['hr'][c]:.3f}" if g["n"] else "-" for c in cols]
         lines.append(f"| {g['label']} | {g['n']:,} | " + " | ".join(vals) + " |")
-    lines.append("| train s | | " + " | ".join(["-", *[f"{doc['train_s'][c]:.1f}" for c in cols[1:]]]) + " |")
+    lines.append("| train s | | " + " | ".join(["-", *[f"{doc['train_s'][c]:.1f}" if c in doc["train_s"] else "-"
+                                                        for c in cols[1:]]]) + " |")
+    if diag:
+        lines += ["", "Two columns beside the models, for what is left to win: **last item's neighbours** counts how "
+                  "often each item sat next to the user's last item in anyone's history (either direction; plus 0.1 "
+                  "times the same count two steps away; from the data alone, one weight written down before it "
+                  "ran). **ceiling** ranks by the generator's own probability of each item being the user's next "
+                  "step (`datasets.next_item_probability`: the user's true topics and weights, the true "
+                  "popularity, the true walk order), the best any model can do on this split. The gap between "
+                  "the models and the first, on a neighbour of the previous item, is signal the data holds that "
+                  "the towers do not yet learn."]
     again = (f" Measured again {doc['loss_when']} with `{doc['loss_command']}` (1-min load average "
              f"{doc['loss_load'][0]:.1f} at the start, {doc['loss_load'][1]:.1f} at the end), after a change to the "
              "loss; the rest of this page is from the run above.") if doc.get("loss_when") else ""
@@ -286,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     hits["EASE"] = evaluate_scores(ease_scorer(B, ev), ev, ks=(50,), mask_seen="masked",
                                    per_user=True)["per_user"]["masked"]["HR@50"]
     del B
+    for col, scorer in (("ceiling", ceiling_scorer(args.dataset, ev)), ("transitions", transitions_scorer(ev))):
+        hits[col] = evaluate_scores(scorer, ev, ks=(50,), mask_seen="masked", per_user=True)["per_user"]["masked"]["HR@50"]
     with tempfile.TemporaryDirectory(prefix="interests-") as tmp:
         for k in ks:
             col = f"{k} interest{'s' if k > 1 else ''}"

@@ -49,8 +49,9 @@ def reuse_freed_blocks() -> bool:
     over its (adaptive) threshold, or trims the heap's top after a free, so the next step's block
     arrives as new pages and its first writes are page faults, more time than its arithmetic. With
     blocks under 32 MB kept in the heap and the top trimmed only above 256 MB, the attention
-    encoder's forward + backward at 512 x 50 x 64 takes 23.6 instead of 41.4 ms, with 49 instead of
-    5,036 faults a step (``python benchmarks/interests.py --loss-only``, BENCHMARKS.md).
+    encoder's forward + backward at 512 x 50 x 64 takes 26.5 instead of 45.9 ms, with 43 instead of
+    5,374 faults a step (``python benchmarks/interests.py --repeats 100``, BENCHMARKS.md; an
+    earlier run of its ``--loss-only`` part: 23.6 against 41.4 ms).
     ``release_freed_memory`` still hands everything free back where the job asks for it (between
     shards, before an evaluation). Returns whether the settings were applied."""
     lib = _glibc()
