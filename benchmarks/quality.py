@@ -81,6 +81,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dim 128": {"dim": 128},
     "dssm": {"model": "dssm"},
     "one interest": {"interests": 1},
+    "item init transitions": {"item_init": "transitions"},
 }
 REFERENCES = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn")
 ALL_ROWS = (*REFERENCES, "ours", *VARIANTS, "tuned")
@@ -442,7 +443,9 @@ def render_markdown(store: dict[str, Any]) -> str:
               "temperature 0.05); `hidden layer 256` and `temperature 0.05` undo one of this change's defaults each; "
               "`recency` and `transformer` swap the encoder; `user id off` forces what the defaults derive (on for "
               "the MovieLens sets, off for the synthetic ones); `dim 128` doubles the retrieval dimension "
-              "(and the index); `dssm` uses the DSSM towers (with their 256-unit ReLU layer).", "",
+              "(and the index); `dssm` uses the DSSM towers (with their 256-unit ReLU layer); `item init "
+              "transitions` starts the item table from the graph of items users had one right after the other "
+              "(`--item-init transitions`, training/item_init.py).", "",
               "| variant | " + " | ".join(names) + " | worst |", "|---" * (len(names) + 2) + "|",
               "| **defaults** | " + " | ".join(_fmt(_ratio(store, d, "ours"), 2) for d in names) +
               f" | {_fmt(worst('ours')[0], 2)} |"]

@@ -117,6 +117,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                              "(default: 3 with attention pooling, else 1)")
     flag("--user-id-dropout", help="share of examples trained with the out-of-vocabulary user id (new-user path)")
     flag("--tie-embeddings", help="share the history table with the item output table while training")
+    flag("--item-init", help="the item id table's starting rows: random, or from the graph of items users had "
+                             "one right after the other (pays on sequential data; data in memory only)")
     flag("--user-features", "use_user_features")
     flag("--item-features", "use_item_features")
     flag("--user-id", "use_user_id", help="learn a per-user id embedding (default: derived, on when users have "

@@ -31,6 +31,7 @@ LOSS_NAMES: tuple[str, ...] = get_args(LossName)  # the losses a user picks ("no
 _RUNTIME_FIELDS = ("artifacts", "device", "quiet", "num_threads", "stop_after_epoch", "resume", "pause_at",
                    "loader_workers")
 EmbeddingOptimizer = Literal["rowwise_adagrad", "sparse_adam", "adamw"]
+ItemInit = Literal["random", "transitions"]
 EMBEDDING_OPTIMIZERS: tuple[str, ...] = get_args(EmbeddingOptimizer)
 # the towers' hidden layers when none are given, by model: YoutubeDNN a linear map, DSSM one ReLU layer
 MODEL_HIDDEN: dict[str, tuple[int, ...]] = {"youtubednn": (), "dssm": (256,)}
@@ -80,6 +81,9 @@ class TrainConfig(JobConfig):
     item_id_embedding: bool = True          # DSSM: the item id as an input of the item MLP
     multi_pooling: MultiPooling = "mean"    # multi-valued features (genres, tags): mean or sum of embeddings
     tie_embeddings: bool = True             # the history table IS the item output table while training
+    # the item id table's starting rows: random, or a spectral embedding of the graph of items users had
+    # one right after the other (training/item_init.py; data held in memory only)
+    item_init: ItemInit = "random"
     # user vectors per user (attention pooling only): K > 1 pools K interests, each searched, the
     # results merged by score. None: DEFAULT_INTERESTS with the attention encoder, else 1
     interests: PositiveInt | None = None

@@ -408,6 +408,18 @@ def build_model(cfg: TrainConfig, prep: Prepared, version: str, device: Any, dis
     torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP broadcasts only the rest)
     model = TwoTowerModel.create(cfg.tower_config(), prep.encoder, meta={"model_version": version})
     assert model.user_tower is not None and model.item_tower is not None
+    if cfg.item_init == "transitions":
+        from training.item_init import init_from_transitions
+
+        if prep.stream_dir is not None:
+            raise ValueError("item_init=transitions needs the interactions in memory; a streamed source holds only "
+                             "an evaluation sample here (drop --stream / use a single file, or --item-init random)")
+        if model.item_tower.id_emb is None:
+            raise ValueError("item_init=transitions starts the item id table, and this model has none "
+                             "(DSSM with --item-id-embedding off)")
+        # before the towers move and the tables are tied: the tied history table is this one
+        n = init_from_transitions(model.item_tower.id_emb.weight, prep.split.train, prep.encoder.item_rows)
+        log.info("item table started from %d transitions of the training histories (item_init=transitions)", n)
     user_tower, item_tower = model.user_tower.to(device), model.item_tower.to(device)
     if cfg.tie_embeddings and user_tower.hist_emb is not None and item_tower.id_emb is not None:
         if user_tower.hist_emb.weight.shape != item_tower.id_emb.weight.shape:

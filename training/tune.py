@@ -68,6 +68,7 @@ def suggest(trial: Any) -> dict[str, Any]:
         "epochs": trial.suggest_int("epochs", 3, 12),
         "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
         "dropout": trial.suggest_float("dropout", 0.0, 0.3),
+        "item_init": trial.suggest_categorical("item_init", ["random", "transitions"]),
         **more,
     }
 
