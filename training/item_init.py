@@ -9,7 +9,7 @@ by ``torch.svd_lowrank``), so training begins with such items already close.
 
 Measured with the defaults otherwise (``benchmarks/quality.py``'s ``item init transitions`` row,
 BENCHMARKS.md): it pays where the data is sequential and costs where it is not, so it is an option
-(and one of ``twotower tune``'s choices), never the default.
+(and one of ``twotower tune``'s choices), not the default.
 """
 
 from __future__ import annotations
