@@ -116,7 +116,10 @@ def _rank_main(rank: int, port: int, cfg: dict[str, Any], batches: list[np.ndarr
     {"negatives": "hard", "batch_size": 16, "num_negatives": 32, "hard_negatives": 8},
     # 128 in-batch candidates >= 121 item rows: every rank embeds the whole catalogue
     {"negatives": "inbatch", "batch_size": 128},
-], ids=["mixed-gathered", "hard-gathered", "inbatch-full-catalogue"])
+    # the item table started from the transitions graph: every rank must start from the same one
+    # (DDP does not broadcast the id tables)
+    {"negatives": "mixed", "batch_size": 16, "num_negatives": 32, "item_init": "transitions"},
+], ids=["mixed-gathered", "hard-gathered", "inbatch-full-catalogue", "mixed-item-init-transitions"])
 def test_two_ranks_compute_what_one_process_computes_on_the_whole_batch(tmp_path: Path, kw: dict[str, Any]) -> None:
     cfg = _cfg(tmp_path / "art", **kw)
     one = _train_steps(cfg, Dist(), [])  # sizes only
