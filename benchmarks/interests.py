@@ -88,16 +88,14 @@ def transitions_scorer(ev: Any, two_step_weight: float = 0.1) -> Any:
     two steps away. Not tuned (one weight, written down before it ran)."""
     import torch
 
+    from training.item_init import transition_graph
+
     n = ev.n_items
-    a, b = [], []
-    for i in range(ev.n_users):
-        h = ev.hist_cols[ev.hist_indptr[i]:ev.hist_indptr[i + 1]]  # time order
-        a.append(h[:-1])
-        b.append(h[1:])
-    src = np.concatenate(a + b)
-    dst = np.concatenate(b + a)
-    adj = torch.sparse_coo_tensor(torch.from_numpy(np.stack([src, dst])), torch.ones(len(src)), (n, n),
-                                  check_invariants=True).coalesce()
+    # consecutive entries of the histories (each user's in time order), never across two users
+    within = np.ones(len(ev.hist_cols) - 1, dtype=bool) if len(ev.hist_cols) else np.zeros(0, dtype=bool)
+    ends = ev.hist_indptr[1:-1] - 1  # a user's last item -> the next user's first
+    within[ends[(ends >= 0) & (ends < len(within))]] = False
+    adj = transition_graph(ev.hist_cols[:-1][within], ev.hist_cols[1:][within], n)
     last = torch.from_numpy(ev.hist_cols[ev.hist_indptr[1:] - 1].astype(np.int64))
 
     def score(users: np.ndarray) -> Any:

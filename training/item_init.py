@@ -20,19 +20,28 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.pipeline import examples_from_rows
+
 
 def transition_pairs(train: pd.DataFrame, item_rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(from, to) table rows of every pair of items one user had one right after the other, in time
-    order (ties in the input's order, as the split orders them). ``item_rows``: ids -> table rows
-    (0 for an id outside the table; such pairs are dropped)."""
+    """(from, to) table rows of every pair of items one user had one right after the other, in the
+    order the training examples read histories (``pipeline.examples_from_rows``: time, then the
+    input's order). ``item_rows``: ids -> table rows (0 for an id outside the table; such pairs are
+    dropped)."""
     if len(train) < 2:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    order = np.lexsort((np.arange(len(train)), train["timestamp"].to_numpy(dtype=np.int64),
-                        train["user_id"].astype(str).to_numpy()))
-    users = train["user_id"].astype(str).to_numpy()[order]
-    rows = np.asarray(item_rows(train["item_id"].to_numpy()[order]), dtype=np.int64)
-    keep = (users[1:] == users[:-1]) & (rows[1:] > 0) & (rows[:-1] > 0) & (rows[1:] != rows[:-1])
-    return rows[:-1][keep], rows[1:][keep]
+    users = pd.factorize(train["user_id"].astype(str))[0] + 1  # rows >= 1, as the examples take them
+    rows = np.asarray(item_rows(train["item_id"].to_numpy()), dtype=np.int64)
+    ex = examples_from_rows(users, rows, train["timestamp"].to_numpy(dtype=np.int64), None, history_len=1)
+    prev, nxt = ex.hist[:, 0], ex.item_rows  # a one-item history is the item just before
+    keep = (prev > 0) & (nxt > 0) & (prev != nxt)
+    return prev[keep], nxt[keep]
+
+
+def transition_graph(src: np.ndarray, dst: np.ndarray, n_rows: int) -> torch.Tensor:
+    """(n_rows, n_rows) coalesced sparse counts of the pairs, both directions (symmetric)."""
+    idx = torch.from_numpy(np.stack([np.concatenate([src, dst]), np.concatenate([dst, src])]).astype(np.int64))
+    return torch.sparse_coo_tensor(idx, torch.ones(idx.shape[1]), (n_rows, n_rows), check_invariants=True).coalesce()
 
 
 def spectral_rows(src: np.ndarray, dst: np.ndarray, n_rows: int, width: int) -> torch.Tensor:
@@ -42,8 +51,7 @@ def spectral_rows(src: np.ndarray, dst: np.ndarray, n_rows: int, width: int) -> 
     out = torch.zeros(n_rows, width)
     if len(src) == 0:
         return out
-    idx = torch.from_numpy(np.stack([np.concatenate([src, dst]), np.concatenate([dst, src])]))
-    graph = torch.sparse_coo_tensor(idx, torch.ones(idx.shape[1]), (n_rows, n_rows), check_invariants=True).coalesce()
+    graph = transition_graph(src, dst, n_rows)
     deg_raw = torch.sparse.sum(graph, dim=1).to_dense()
     deg = deg_raw.clamp_min(1.0)
     # the lazy walk (I + D^-1/2 A D^-1/2) / 2 over the connected items: positive semi-definite, so its
