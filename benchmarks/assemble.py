@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SECTIONS = [
     ("quality-interests.md", "python benchmarks/quality.py --skip-rechub --only 'popularity,ease,ours,one interest,"
-                             "youtubednn-mean,hidden layer 256,temperature 0.05,dim 128,dssm,item init transitions' --store "
+                             "youtubednn-mean,hidden layer 256,temperature 0.05,dim 128,dssm,item init transitions,neighbours off' --store "
                              "benchmarks/results/quality-interests.json --out benchmarks/results/quality-interests.md "
                              "--title 'Retrieval quality: multi-interest defaults (3 interests) beside one interest and "
                              "EASE, in one run'"),

@@ -82,6 +82,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "dssm": {"model": "dssm"},
     "one interest": {"interests": 1},
     "item init transitions": {"item_init": "transitions"},
+    "neighbours off": {"neighbour_weight": 0},
 }
 REFERENCES = ("popularity", "ease", "rechub-dssm", "rechub-youtubednn")
 ALL_ROWS = (*REFERENCES, "ours", *VARIANTS, "tuned")
@@ -435,7 +436,8 @@ def render_markdown(store: dict[str, Any]) -> str:
     # ---- what each option adds
     lines += ["## What each option adds (HR@50 / EASE)", "",
               "Each row is the shipped defaults (attention pooling with 3 interests per user, one linear layer "
-              "per tower, temperature 0.12; history length, epochs and user id derived from the data) with the "
+              "per tower, temperature 0.12; history length, epochs and user id derived from the data; recall "
+              "blending in the last item's neighbours at a weight chosen on the validation split) with the "
               "change its name says: `one interest` keeps one user vector (the defaults before multi-interest "
               "users; the encoders other than attention always have one); "
               "`youtubednn-mean` pools the history by a plain mean (the YoutubeDNN baseline); `pre-#11 defaults` is "
@@ -445,7 +447,8 @@ def render_markdown(store: dict[str, Any]) -> str:
               "the MovieLens sets, off for the synthetic ones); `dim 128` doubles the retrieval dimension "
               "(and the index); `dssm` uses the DSSM towers (with their 256-unit ReLU layer); `item init "
               "transitions` starts the item table from the graph of items users had one right after the other "
-              "(`--item-init transitions`, training/item_init.py).", "",
+              "(`--item-init transitions`, training/item_init.py); `neighbours off` ranks by the towers alone "
+              "(`--neighbour-weight 0`; towers/neighbours.py).", "",
               "| variant | " + " | ".join(names) + " | worst |", "|---" * (len(names) + 2) + "|",
               "| **defaults** | " + " | ".join(_fmt(_ratio(store, d, "ours"), 2) for d in names) +
               f" | {_fmt(worst('ours')[0], 2)} |"]

@@ -14,6 +14,9 @@ A bundle is a directory ``ARTIFACTS/bundles/<index_version>/`` holding::
                          service then needs torch to read model.pt
     users.json           user feature table: {user_id: {feature: value}} (missing values null)
     user_items.json      {user_id: [history (last history_len items, oldest first), seen (every item)]}
+    neighbours.npz       each item's most frequent neighbours in the histories, by row
+                         (towers.neighbours); only when the model blends them into recall
+                         (manifest ``neighbour_weight`` > 0)
 
 Publishing is atomic: the bundle is written under ``bundles/.staging-*``, validated, fsynced, renamed
 to its version, and then the ``bundles/CURRENT`` pointer is replaced with write-temp + fsync +
@@ -64,6 +67,7 @@ from towers.artifacts import (
     versions,
     write_pointer,
 )
+from towers.neighbours import Neighbours
 from towers.schema import DataError
 
 if TYPE_CHECKING:
@@ -86,6 +90,7 @@ POPULAR = "popular.json"
 USERS = "users.json"
 USER_ITEMS = "user_items.json"
 USER_TOWER = "user_tower.npz"
+NEIGHBOURS = "neighbours.npz"
 REQUIRED_FILES = (MODEL, INDEX, ITEM_IDS, ITEM_VECTORS, POPULAR, USERS, USER_ITEMS)
 
 
@@ -113,6 +118,8 @@ class Manifest:
     history_len: int
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, bytes}
     n_cold_items: int = 0  # catalogue items the model never saw (embedded from content only)
+    # recall adds this times log(1 + n) for the last item's neighbours (neighbours.npz); 0: towers alone
+    neighbour_weight: float = 0.0
     format: str = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -139,6 +146,7 @@ class Manifest:
                 recall_k=int(d["recall_k"]), n_eval_users=int(d["n_eval_users"]), n_users=int(d["n_users"]),
                 history_len=int(d["history_len"]), files={str(k): dict(v) for k, v in d["files"].items()},
                 n_cold_items=int(d.get("n_cold_items", 0)), extra=dict(d.get("extra", {})),
+                neighbour_weight=float(d.get("neighbour_weight", 0.0)),
             )
         except KeyError as exc:
             raise BundleError(f"{where}: manifest lacks field {exc.args[0]!r}") from exc
@@ -173,7 +181,8 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
                  popular: Sequence[ItemId], users: Any,
                  histories: Mapping[str, Sequence[ItemId]], seen: Mapping[str, Iterable[ItemId]],
                  recall: float, recall_k: int, n_eval_users: int, history_len: int,
-                 n_cold_items: int = 0, extra: Mapping[str, Any] | None = None) -> Manifest:
+                 n_cold_items: int = 0, extra: Mapping[str, Any] | None = None,
+                 neighbours: Neighbours | None = None, neighbour_weight: float = 0.0) -> Manifest:
     """Write every bundle file into ``out_dir`` (created; must not exist) and the manifest last.
 
     The inputs are checked first so a bad catalogue never produces a bundle at all; the manifest
@@ -193,6 +202,8 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
     unknown = [p for p in popular if p not in id_map]
     if unknown:
         raise BundleError(f"popular items not in the catalogue: {unknown[:5]}")
+    if neighbour_weight > 0 and (neighbours is None or neighbours.n_items != n):
+        raise BundleError(f"a neighbour weight of {neighbour_weight} needs a neighbour table over the {n} items")
     out.mkdir(parents=True, exist_ok=False)
 
     # a copy, not a hard link: a link would let an in-place edit of either file change the other
@@ -211,7 +222,9 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
                                               sorted({_plain(i) for i in seen.get(uid, ())}, key=_sort_key)]
                                    for uid in user_ids})
 
-    names = [*REQUIRED_FILES, *([USER_TOWER] if (out / USER_TOWER).exists() else [])]
+    if neighbour_weight > 0 and neighbours is not None:
+        neighbours.save(out / NEIGHBOURS)
+    names = [*REQUIRED_FILES, *(f for f in (USER_TOWER, NEIGHBOURS) if (out / f).exists())]
     files = {name: {"sha256": sha256_file(out / name), "bytes": (out / name).stat().st_size} for name in names}
     manifest = Manifest(
         index_version=index_version, model_version=model_version,
@@ -219,7 +232,7 @@ def write_bundle(out_dir: str | Path, *, index_version: str, model_version: str,
         n_items=n, dim=dim, id_type=id_map.id_type, recipe=searcher.recipe.to_dict(),
         recall=float(recall), recall_k=int(recall_k), n_eval_users=int(n_eval_users),
         n_users=len(users), history_len=int(history_len), files=files, n_cold_items=int(n_cold_items),
-        extra=dict(extra or {}),
+        extra=dict(extra or {}), neighbour_weight=float(neighbour_weight) if neighbours is not None else 0.0,
     )
     atomic_write(out / MANIFEST, json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
     return manifest
@@ -344,7 +357,22 @@ def validate_bundle(bundle_dir: str | Path, *, verify_checksums: bool = True, ch
             raise BundleError(f"{d / name}: expected a JSON object keyed by user id")
     if USER_TOWER in m.files:
         _load_user_tower(d / USER_TOWER, m.dim)
+    _load_neighbours(d, m)
     return m
+
+
+def _load_neighbours(d: Path, m: Manifest) -> Neighbours | None:
+    """neighbours.npz when the manifest blends it into recall, else None."""
+    if not (m.neighbour_weight > 0):
+        return None
+    if not math.isfinite(m.neighbour_weight):
+        raise BundleError(f"{d / MANIFEST}: neighbour_weight {m.neighbour_weight} is not finite")
+    if NEIGHBOURS not in m.files:
+        raise BundleError(f"{d / MANIFEST}: neighbour_weight {m.neighbour_weight} but no {NEIGHBOURS} listed")
+    try:
+        return Neighbours.load(d / NEIGHBOURS, n_items=m.n_items)
+    except (OSError, ValueError, KeyError) as exc:
+        raise BundleError(f"{d / NEIGHBOURS}: {exc}") from exc
 
 
 def _load_user_tower(path: Path, dim: int) -> Any:
@@ -424,6 +452,7 @@ class LoadedBundle:
     user_features: dict[str, dict[str, Any]]  # user_id -> {feature: value}
     histories: dict[str, list[ItemId]]  # user_id -> last history_len items, oldest first
     seen: dict[str, frozenset[ItemId]]  # user_id -> every item the user interacted with
+    neighbours: Neighbours | None = None  # the last item's neighbours, by row, when recall blends them
 
     @property
     def index_version(self) -> str:
@@ -497,7 +526,8 @@ def load_bundle(bundle_dir: str | Path, *, verify: bool = True, backend: str = "
         histories[uid] = [conv(i) for i in hist]
         seen[uid] = frozenset(conv(i) for i in seen_items)
     return LoadedBundle(path=d, manifest=m, model=model, searcher=searcher, id_map=id_map, item_vectors=vecs,
-                        popular=popular, user_features=user_features, histories=histories, seen=seen)
+                        popular=popular, user_features=user_features, histories=histories, seen=seen,
+                        neighbours=_load_neighbours(d, m))
 
 
 def _load_model(path: Path, parts: Sequence[str], dim: int) -> Any:

@@ -48,6 +48,7 @@ from index.searcher import (
     torch_cuda_available,
 )
 from towers.artifacts import DEFAULT_REDIS_PREFIX, new_version, resolve_model_dir
+from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
 from towers.schema import DataError, conform_table, normalize_user_id, read_table_with_lines
 from towers.validation import JobConfig, PositiveInt, UnitInterval
 
@@ -190,6 +191,17 @@ def user_histories(interactions: pd.DataFrame, history_len: int, id_is_int: bool
         hist[str(uid)] = vals[-history_len:] if history_len > 0 else []
         seen[str(uid)] = set(vals)
     return hist, seen
+
+
+def item_neighbours(interactions: pd.DataFrame, catalogue: pd.Index) -> Neighbours:
+    """The last item's neighbour table (towers.neighbours) over the catalogue's rows: pairs of items
+    each user had one right after the other, users' rows in the order ``user_histories`` reads them."""
+    import pandas as pd
+
+    rows = catalogue.get_indexer(interactions["item_id"])  # -1: not in the catalogue (dropped)
+    users = pd.factorize(interactions["user_id"].map(normalize_user_id))[0]
+    src, dst = consecutive_pairs(users, rows, interactions["timestamp"].to_numpy())
+    return Neighbours.from_pairs(src, dst, len(catalogue))
 
 
 def popularity(interactions: pd.DataFrame, catalogue: pd.Index, cap: int, id_is_int: bool) -> list[Any]:
@@ -416,6 +428,8 @@ def run(cfg: ReindexConfig) -> Manifest:
     clock.lap("recall_gate")
 
     popular = popularity(inputs.interactions, inputs.catalogue.index, cfg.popular_cap, id_is_int)
+    weight = float(model.meta.get(META_KEY) or 0.0)  # chosen by the training job (training/blend.py)
+    neighbours = item_neighbours(inputs.interactions, inputs.catalogue.index) if weight > 0 else None
     version = new_version()
     staged = staging_dir(artifacts, version)
     extra = {"threads": threads, "faiss_gpus": faiss_gpus(), "n_extra_items": inputs.n_extra,
@@ -427,7 +441,7 @@ def run(cfg: ReindexConfig) -> Manifest:
             searcher=searcher, id_map=emb.id_map, item_vectors=emb.vectors, popular=popular, users=inputs.users,
             histories=hist, seen=seen, recall=gate.report.recall, recall_k=gate.report.k,
             n_eval_users=gate.queries, history_len=model.encoder.history_len, n_cold_items=emb.n_cold,
-            extra=extra)
+            extra=extra, neighbours=neighbours, neighbour_weight=weight)
         clock.lap("write_bundle")
         if cfg.publish:
             publish(artifacts, staged, keep=cfg.keep, redis_url=cfg.redis_url, prefix=cfg.redis_prefix)

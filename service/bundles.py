@@ -44,6 +44,8 @@ def from_loaded(lb: Any) -> ServingBundle:
         user_seen=lambda uid: seen.get(uid, no_items),
         similar=similar, known_user=known, n_items=len(id_map),
         extra={"recipe": lb.manifest.recipe, "recall": lb.manifest.recall},
+        neighbours=lb.neighbours, neighbour_weight=lb.manifest.neighbour_weight if lb.neighbours is not None else 0.0,
+        item_vectors=lb.item_vectors,
     )
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from index.searcher import search_users
 from service.events import UserEvents
+from towers.neighbours import Neighbours
 
 ItemId = int | str
 
@@ -66,6 +67,10 @@ class ServingBundle:
     known_user: Callable[[str], bool]
     n_items: int
     extra: dict[str, Any] = field(default_factory=dict)
+    # the last item's neighbours blended into recall (towers.neighbours), by row; None or weight 0: off
+    neighbours: Neighbours | None = None
+    neighbour_weight: float = 0.0
+    item_vectors: np.ndarray | None = None  # (N, D) by row: tower scores of neighbours the search missed
 
     @functools.cached_property
     def versions_json(self) -> str:
@@ -325,6 +330,49 @@ def _popular(r: Resolved) -> bytes:
     return render(b.id_map.to_items(fids), scores, b, fallback=True, warnings=r.warnings)
 
 
+def blend_neighbours(b: ServingBundle, users: np.ndarray, scores: np.ndarray, fids: np.ndarray,
+                     histories: Sequence[Sequence[ItemId]]) -> tuple[np.ndarray, np.ndarray]:
+    """Search results re-ranked by tower score + weight * log(1 + n) for the neighbours of each
+    user's last history item (towers.neighbours; training/blend.py ranks the offline evaluation the
+    same way), best first. Every neighbour is scored exactly (the search may not have returned it).
+
+    The top k stay exact: an item that is neither a neighbour nor in the user's true tower top
+    ``fetch`` (k + the exclusions) has no bonus and a tower score at most those items', at least k of
+    which survive the filters.
+    Returns (B, F + top) arrays, padded with id -1 / score -inf.
+    """
+    assert b.neighbours is not None and b.item_vectors is not None
+    nb, w = b.neighbours, np.float32(b.neighbour_weight)
+    last = np.full(len(histories), -1, dtype=np.int64)  # (B,) rows of the last items; -1: no history
+    has = [j for j, h in enumerate(histories) if len(h)]
+    last[has] = b.id_map.rows_of([histories[j][-1] for j in has])
+    q, rows, bonus = nb.bonus(last)
+    if not len(q):
+        return scores, fids
+    width = fids.shape[1] + int(np.bincount(q).max())
+    out_s = np.full((len(fids), width), -np.inf, dtype=np.float32)
+    out_f = np.full((len(fids), width), -1, dtype=np.int64)
+    bounds = np.searchsorted(q, np.arange(len(fids) + 1))  # q is sorted: each user's neighbours
+    u3 = users if users.ndim == 3 else users[:, None, :]  # (B, K, D)
+    for j in range(len(fids)):
+        f, s = fids[j], scores[j].astype(np.float32, copy=True)
+        nr, nbon = rows[bounds[j]:bounds[j + 1]], bonus[bounds[j]:bounds[j + 1]]
+        if len(nr):
+            nf = b.id_map.faiss_ids[nr]
+            # each neighbour's exact tower score, the best interest's inner product: a multi-interest
+            # search lists an item that only a weaker interest found with that interest's lower score
+            vec = np.asarray(b.item_vectors[nr], dtype=np.float32)  # (E, D)
+            blended = ((vec @ u3[j].T).max(axis=1) + w * nbon).astype(np.float32)  # (E,)
+            order = np.argsort(f, kind="stable")
+            at = np.minimum(np.searchsorted(f, nf, sorter=order), len(f) - 1)
+            found = f[order[at]] == nf
+            s[order[at[found]]] = blended[found]
+            f, s = np.concatenate([f, nf[~found]]), np.concatenate([s, blended[~found]])
+        order = np.argsort(-s, kind="stable")
+        out_s[j, :len(s)], out_f[j, :len(s)] = s[order], f[order]
+    return out_s, out_f
+
+
 def compute_batch(reqs: list[Resolved]) -> list[bytes]:
     """One tower forward and one index search for every tower request of the batch (all share one
     bundle: the micro-batcher groups by bundle)."""
@@ -342,6 +390,8 @@ def compute_batch(reqs: list[Resolved]) -> list[bytes]:
                                     [r.history for r in rs])  # (B, D) float32, L2-normalised; (B, K, D) interests
         fetch = min(b.n_items, max(r.k + min(len(r.exclude), MAX_OVERFETCH) for r in rs))
         scores, fids = search_users(b.searcher, users, fetch)  # (B, fetch), or (B, K * fetch) merged
+        if b.neighbours is not None and b.neighbour_weight > 0:
+            scores, fids = blend_neighbours(b, users, scores, fids, [r.history for r in rs])
         keep = _kept(fids, [r.exclude for r in rs])  # (B, fetch)
         for j, (i, r) in enumerate(zip(tower, rs, strict=True)):
             idx = np.flatnonzero(keep[j])[: r.k]

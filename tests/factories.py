@@ -87,9 +87,12 @@ def histories_of(interactions: pd.DataFrame) -> dict[str, list[Any]]:
 
 def publish_bundle(artifacts: Path, world: World | None = None, model: Any = None, *, seed: int = 0,
                    index_version: str | None = None, model_version: str = "20250101T000000Z-aaaaaa",
-                   recipe: str = "Flat", redis_url: str | None = None, prefix: str = "tt") -> Path:
-    """Write and publish a real bundle (index.bundle format) under ``artifacts``; returns its dir."""
+                   recipe: str = "Flat", redis_url: str | None = None, prefix: str = "tt",
+                   neighbour_weight: float = 0.0) -> Path:
+    """Write and publish a real bundle (index.bundle format) under ``artifacts``; returns its dir.
+    ``neighbour_weight`` > 0: recall blends in the last item's neighbours, counted as reindex does."""
     from index.bundle import publish, staging_dir, write_bundle
+    from index.reindex import item_neighbours
     from index.searcher import FaissSearcher, IdMap
     from towers.artifacts import new_version
     from towers.checkpoint import save_checkpoint
@@ -110,7 +113,9 @@ def publish_bundle(artifacts: Path, world: World | None = None, model: Any = Non
     write_bundle(staged, index_version=index_version, model_version=model_version, model_path=ckpt,
                  searcher=searcher, id_map=id_map, item_vectors=vecs, popular=popular, users=world.users,
                  histories={u: h[-model.encoder.history_len:] for u, h in hist.items()}, seen=hist,
-                 recall=1.0, recall_k=10, n_eval_users=0, history_len=model.encoder.history_len)
+                 recall=1.0, recall_k=10, n_eval_users=0, history_len=model.encoder.history_len,
+                 neighbour_weight=neighbour_weight,
+                 neighbours=item_neighbours(world.interactions, world.items.index) if neighbour_weight else None)
     return publish(artifacts, staged, redis_url=redis_url, prefix=prefix)
 
 

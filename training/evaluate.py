@@ -119,7 +119,7 @@ def build_eval_set(data: RecData, split: Split, which: str = "test") -> EvalSet:
     targets = split.test if which == "test" else split.valid
     if len(targets) == 0:
         raise DataError(f"the {which} split is empty: no user has enough interactions to hold one out")
-    history = pd.concat([split.train, split.valid]) if which == "test" else split.train
+    history = known_before(split, which)
 
     tgt_cols = col_index.get_indexer(targets["item_id"])
     if (tgt_cols < 0).any():
@@ -151,6 +151,11 @@ def build_eval_set(data: RecData, split: Split, which: str = "test") -> EvalSet:
     return EvalSet(which=which, user_ids=np.asarray(user_ids, dtype=object), item_ids=item_ids,
                    hist_indptr=hist_indptr, hist_cols=hist_cols, target_indptr=tgt_indptr,
                    target_cols=tgt_cols_arr, mask_indptr=mask_indptr, mask_cols=mask_cols)
+
+
+def known_before(split: Split, which: str) -> pd.DataFrame:
+    """The interactions known when ``which``'s targets are predicted: train (+ valid for "test")."""
+    return pd.concat([split.train, split.valid]) if which == "test" else split.train
 
 
 def _group_cols(u: np.ndarray, cols: np.ndarray, n_users: int) -> list[np.ndarray]:
@@ -385,10 +390,17 @@ def _mask_inplace(S: torch.Tensor, ev: EvalSet, users: np.ndarray) -> None:
 def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test", ks: Sequence[int] = DEFAULT_KS,
                    mask_seen: MaskMode = "both", ev: EvalSet | None = None,
                    item_vecs: np.ndarray | None = None) -> dict[str, Any]:
-    """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``);
+    """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``), blended
+    with its last item's neighbours when its meta carries a weight (training/blend.py);
     ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them."""
+    from training.blend import META_KEY, blended_scorer, neighbours_from
+
     ev = ev or build_eval_set(data, split, which)
-    return evaluate_scores(model_scorer(model, data, ev, item_vecs=item_vecs), ev, ks=ks, mask_seen=mask_seen)
+    score = model_scorer(model, data, ev, item_vecs=item_vecs)
+    weight = float(getattr(model, "meta", {}).get(META_KEY) or 0.0)
+    if weight > 0:  # the blend the model was published with: the neighbours of what was known then
+        score = blended_scorer(score, ev, neighbours_from(known_before(split, ev.which), ev.item_ids), weight)
+    return evaluate_scores(score, ev, ks=ks, mask_seen=mask_seen)
 
 
 # ----------------------------------------------------------------------------------------------

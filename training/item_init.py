@@ -20,22 +20,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.pipeline import examples_from_rows
+from towers.neighbours import consecutive_pairs
 
 
 def transition_pairs(train: pd.DataFrame, item_rows: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(from, to) table rows of every pair of items one user had one right after the other, in the
-    order the training examples read histories (``pipeline.examples_from_rows``: time, then the
-    input's order). ``item_rows``: ids -> table rows (0 for an id outside the table; such pairs are
-    dropped)."""
-    if len(train) < 2:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    users = pd.factorize(train["user_id"].astype(str))[0] + 1  # rows >= 1, as the examples take them
+    """(from, to) table rows of every pair of items one user had one right after the other
+    (``towers.neighbours.consecutive_pairs``: each user's rows by time, ties in the input's order).
+    ``item_rows``: ids -> table rows (0 for an id outside the table; such pairs are dropped)."""
+    users = pd.factorize(train["user_id"].astype(str))[0]
     rows = np.asarray(item_rows(train["item_id"].to_numpy()), dtype=np.int64)
-    ex = examples_from_rows(users, rows, train["timestamp"].to_numpy(dtype=np.int64), None, history_len=1)
-    prev, nxt = ex.hist[:, 0], ex.item_rows  # a one-item history is the item just before
-    keep = (prev > 0) & (nxt > 0) & (prev != nxt)
-    return prev[keep], nxt[keep]
+    return consecutive_pairs(users, rows, train["timestamp"].to_numpy(dtype=np.int64), missing=0)
 
 
 def transition_graph(src: np.ndarray, dst: np.ndarray, n_rows: int) -> torch.Tensor:

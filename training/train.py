@@ -50,6 +50,7 @@ from towers.artifacts import (
     versions,
     write_pointer,
 )
+from towers.neighbours import META_KEY as NEIGHBOUR_WEIGHT
 from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
 from training.defaults import DataStats, derive
@@ -204,6 +205,7 @@ class Prepared:
     eval_valid: Any             # training.evaluate.EvalSet | None (rank 0)
     stats: dict[str, Any]       # sizes for config.json
     stream_dir: Path | None = None  # streamed: the shard files (removed when the run is complete)
+    neighbours: Any = None      # towers.neighbours.Neighbours of the training split (rank 0, when validation needs it)
     # the settings with the ones left unset derived from this data (training/defaults.py), and
     # {setting: {value, why}} for those; run() carries on with ``cfg``
     cfg: Any = None
@@ -406,7 +408,10 @@ def build_model(cfg: TrainConfig, prep: Prepared, version: str, device: Any, dis
     from training.samplers import HistoryMask, make_sampler
 
     torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP broadcasts only the rest)
-    model = TwoTowerModel.create(cfg.tower_config(), prep.encoder, meta={"model_version": version})
+    meta: dict[str, Any] = {"model_version": version}
+    if cfg.neighbour_weight:  # fixed: validation scores the blend from the first epoch
+        meta[NEIGHBOUR_WEIGHT] = float(cfg.neighbour_weight)
+    model = TwoTowerModel.create(cfg.tower_config(), prep.encoder, meta=meta)
     assert model.user_tower is not None and model.item_tower is not None
     if cfg.item_init == "transitions":
         from training.item_init import init_from_transitions
@@ -675,17 +680,33 @@ def eval_item_vectors(model: Any, built: Built, item_ids: np.ndarray) -> np.ndar
     return model.embed_item_rows(built.item_table, rows)
 
 
-def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist) -> float | None:
-    """Validation HR@K with seen items masked (rank 0 scores, every rank gets the number)."""
-    from training.evaluate import evaluate_model
+def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist, record: dict[str, Any]) -> float | None:
+    """Validation HR@K with seen items masked (rank 0 scores, every rank gets the number).
+
+    When the neighbour weight is left to the data (training/blend.py), the same scores also choose
+    it for this epoch's towers, into ``record["neighbours"]``; the HR@K is the towers' alone (weight 0).
+    """
+    from training.evaluate import evaluate_model, model_scorer
 
     hr = None
     if dist.is_main and prep.eval_valid is not None:
         release_freed_memory()  # what the epoch's shards left behind, before the scores come on top
-        res = evaluate_model(built.model, prep.data, prep.split, which="valid", ks=(cfg.eval_k,),
-                             mask_seen="masked", ev=prep.eval_valid,
-                             item_vecs=eval_item_vectors(built.model, built, prep.eval_valid.item_ids))
-        hr = float(res["masked"][f"HR@{cfg.eval_k}"])
+        ev = prep.eval_valid
+        item_vecs = eval_item_vectors(built.model, built, ev.item_ids)
+        if cfg.neighbour_weight is None and prep.stream_dir is None:
+            from training.blend import choose_weight, neighbours_from
+
+            if prep.neighbours is None:  # counted once per run, from the training split only
+                prep.neighbours = neighbours_from(prep.split.train, ev.item_ids)
+            weight, curve, why = choose_weight(model_scorer(built.model, prep.data, ev, item_vecs=item_vecs), ev,
+                                               prep.neighbours, cfg.eval_k)
+            hr = curve[0.0]
+            record["neighbours"] = {"weight": weight, "why": why,
+                                    f"valid_hr@{cfg.eval_k}": {f"{w:g}": h for w, h in curve.items()}}
+        else:
+            res = evaluate_model(built.model, prep.data, prep.split, which="valid", ks=(cfg.eval_k,),
+                                 mask_seen="masked", ev=ev, item_vecs=item_vecs)
+            hr = float(res["masked"][f"HR@{cfg.eval_k}"])
     built.pair.train()
     return dist.broadcast(hr)
 
@@ -698,9 +719,13 @@ def end_epoch(cfg: TrainConfig, state: TrainState, built: Built, run: RunDir, re
     improved = hr is None or hr > state.best_hr + 1e-12
     if improved:
         state.best_hr, state.best_epoch, state.bad_epochs = (hr if hr is not None else state.best_hr), record["epoch"], 0
+        if "neighbours" in record:  # chosen for these towers: model.pt carries it (absent: weight 0)
+            built.model.meta.pop(NEIGHBOUR_WEIGHT, None)
+            if record["neighbours"]["weight"] > 0:
+                built.model.meta[NEIGHBOUR_WEIGHT] = record["neighbours"]["weight"]
         if dist.is_main:
             save_checkpoint(run.dir / "model.pt", built.model,
-                            meta={"model_version": run.version, "epoch": record["epoch"],
+                            meta={**built.model.meta, "model_version": run.version, "epoch": record["epoch"],
                                   f"valid_hr@{cfg.eval_k}": hr, "data": cfg.data})
     else:
         state.bad_epochs += 1
@@ -740,6 +765,17 @@ def write_config(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built) ->
     })
 
 
+def neighbour_choice(cfg: TrainConfig, prep: Prepared, state: TrainState) -> dict[str, Any]:
+    """What the model was published with for the last item's neighbours (training/blend.py), and why:
+    for metrics.json. The best epoch's validation chose it (and wrote it into model.pt's meta)."""
+    if cfg.neighbour_weight is not None:
+        return {"weight": float(cfg.neighbour_weight), "why": "set in the config"}
+    if prep.stream_dir is not None:
+        return {"weight": 0.0, "why": "a streamed source holds no whole training split to count neighbours from"}
+    best = next((e for e in state.epochs if e["epoch"] == state.best_epoch), {})
+    return best.get("neighbours", {"weight": 0.0, "why": "no validation split to choose it on"})
+
+
 def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: TrainState, device: Any,
            threads: int, times: dict[str, float], resumed_from: int | None, dist: Dist) -> TrainResult:
     """Rank 0: the best epoch on the test split (masked and raw), metrics.json, curves.png, LATEST."""
@@ -756,6 +792,9 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
     # the weights in memory ARE model.pt when the last epoch was the best (always with a step budget
     # of one epoch): reloading would hold a second copy of every table at once
     best = built.model if state.best_epoch == state.epoch else load_checkpoint(run.dir / "model.pt")
+    blend = neighbour_choice(cfg, prep, state)
+    if blend["weight"]:
+        log.info("recall blends in the last item's neighbours at weight %g: %s", blend["weight"], blend["why"])
     test = (evaluate_model(best, prep.data, split, which="test", ks=(10, 50, 100),
                            item_vecs=eval_item_vectors(best, built, prep.data.items.index.to_numpy()))
             if len(split.test) else None)
@@ -782,6 +821,7 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
         "peak_rss_mb_per_rank": rss,
         "cuda_max_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
         "derived": prep.derived,
+        "neighbours": blend,
     }
     if resumed_from is not None:
         metrics["resumed_from_epoch"] = resumed_from
@@ -838,7 +878,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         show_bar = dist.is_main and not cfg.quiet and sys.stderr.isatty()
         while not state.finished and state.epoch < cfg.epochs:
             record = train_epoch(cfg, built, batches, prep.steps, state.epoch + 1, dist, run_dir.dir, show_bar)
-            end_epoch(cfg, state, built, run_dir, record, validate(cfg, built, prep, dist), dist)
+            end_epoch(cfg, state, built, run_dir, record, validate(cfg, built, prep, dist, record), dist)
             if cfg.stop_after_epoch is not None and state.epoch >= cfg.stop_after_epoch and not state.finished:
                 log.info("stopping after epoch %d as asked; continue with --resume %s", state.epoch, run_dir.version)
                 dist.barrier()

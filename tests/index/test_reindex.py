@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -37,6 +38,35 @@ def test_reindex_publishes_a_bundle_the_service_can_load(artifacts) -> None:
     assert len(b.histories) == 80 and all(len(h) == 5 for h in b.histories.values())  # history_len = 5
     assert all(len(s) == 15 for s in b.seen.values())
     assert set(b.popular) <= set(b.id_map.ids)
+
+
+def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_is_refused(artifacts) -> None:
+    from towers.checkpoint import load_checkpoint
+
+    plain = run(ReindexConfig(artifacts=artifacts))
+    assert plain.neighbour_weight == 0.0 and B.NEIGHBOURS not in plain.files
+    assert B.load_bundle(B.current_bundle_dir(artifacts)).neighbours is None
+
+    mdir = artifacts / "models" / "20240101T000000Z-aaaaaa"
+    model = load_checkpoint(mdir / "model.pt")
+    save_checkpoint(mdir / "model.pt", model, {**model.meta, "neighbour_weight": 0.25})  # as training chose it
+    m = run(ReindexConfig(artifacts=artifacts))
+    assert m.neighbour_weight == 0.25 and B.NEIGHBOURS in m.files
+    b = B.load_bundle(B.current_bundle_dir(artifacts))
+    nb = b.neighbours
+    assert nb is not None and nb.n_items == m.n_items
+    # every user's consecutive items (in time order) are each other's neighbours
+    log = pd.read_parquet(mdir / "data" / "interactions.parquet").sort_values(["user_id", "timestamp"], kind="stable")
+    for _, g in list(log.groupby("user_id"))[:10]:
+        rows = b.id_map.rows_of(g["item_id"].tolist())
+        for a, c in zip(rows[:-1], rows[1:], strict=True):
+            if a != c:
+                assert c in nb.cols[nb.indptr[a]:nb.indptr[a + 1]]
+
+    bdir = B.current_bundle_dir(artifacts)
+    (bdir / B.NEIGHBOURS).unlink()
+    with pytest.raises(B.BundleError, match="neighbours.npz: file missing"):
+        B.validate_bundle(bdir)
 
 
 def test_a_new_item_is_searchable_next_to_items_with_its_content(artifacts, tmp_path) -> None:

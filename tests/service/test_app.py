@@ -93,6 +93,47 @@ def test_a_multi_interest_model_serves_the_top_k_by_the_best_interest(tmp_path, 
     asyncio.run(main())
 
 
+def test_a_bundle_with_neighbours_ranks_by_tower_score_plus_the_last_items_neighbours(
+        tmp_path, redis_url, redis_prefix, world):
+    """The bundle blends the last item's neighbours in (weight w): the answer is the top k unseen items
+    by best-interest score + w * log(1 + n), n the times an item sat next to the user's last item in
+    anyone's history, brute force over the catalogue; neighbours the search alone would not return
+    come in. A new user's inline history is served the same way."""
+    w = 0.5
+    model = make_model(world, seed=4, history_encoder="attention", interests=3)
+    publish_bundle(tmp_path, world, model, index_version="20250101T000000Z-0000nb", neighbour_weight=w)
+    hist = histories_of(world.interactions)
+    items = np.asarray(list(world.items.index))
+    col = {it: j for j, it in enumerate(items)}
+    n = np.zeros((len(items), len(items)))
+    for h in hist.values():
+        for a, b in zip(h[:-1], h[1:], strict=True):
+            n[col[a], col[b]] += 1
+            n[col[b], col[a]] += 1
+    vecs = model.embed_items(world.items)  # (N, D)
+
+    def expected(user_id: str | None, history: list, k: int, weight: float) -> list:
+        feats = world.users.reindex([user_id]) if user_id else None
+        u = model.embed_users([user_id], feats, [history])  # (1, 3, D)
+        best = (u[0] @ vecs.T).max(axis=0) + weight * np.log1p(n[col[history[-1]]])  # (N,)
+        best[np.isin(items, history)] = -np.inf
+        return items[np.argsort(-best, kind="stable")[:k]].tolist()
+
+    async def main() -> None:
+        async with running(settings_for(tmp_path, redis_url, redis_prefix)) as c:
+            for uid in ("3", "17", "30"):
+                a = (await c.post("/v1/recall", json={"user_id": uid, "k": 10})).json()
+                got = [it["item_id"] for it in a["items"]]
+                served = hist[uid][-model.encoder.history_len:]
+                assert got == expected(uid, served, 10, w)
+                assert got != expected(uid, served, 10, 0.0)  # the neighbours changed the answer
+            inline = list(items[[5, 40, 77]])
+            b = (await c.post("/v1/recall", json={"history": [int(i) for i in inline], "k": 8})).json()
+            assert [it["item_id"] for it in b["items"]] == expected(None, inline, 8, w)
+
+    asyncio.run(main())
+
+
 def test_cold_user_gets_popular_fallback_honouring_exclusions(artifacts, redis_url, redis_prefix, world):
     async def main() -> None:
         async with running(settings_for(artifacts, redis_url, redis_prefix)) as c:

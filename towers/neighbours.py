@@ -1,0 +1,114 @@
+"""The user's last item's neighbours: a second source of candidates beside the towers.
+
+Items users take one right after the other (the next episode, an accessory, a sequel) are related in
+a way a dot product of two 64-d vectors holds badly: a long chain of such items needs about as many
+dimensions as it has links. A plain count from the data does hold it. So a recall adds to each
+candidate's tower score
+
+    weight * log(1 + n(last, item))
+
+where n counts how often the item sat right before or right after the user's last item in anyone's
+history (each item keeps its ``top`` most frequent neighbours). Training picks ``weight`` on the
+validation split, 0 leaving the towers' ranking alone (``training.blend``); the reindex job counts
+the pairs from the interactions it publishes (``index.reindex``); the service (``service.pipeline``)
+and the offline evaluation (``training.evaluate``) both score with ``Neighbours.bonus``, so an answer
+over HTTP ranks as the evaluation ranked.
+
+Also counting pairs one item apart (at 0.1 x) was measured and left out: synthetic-longtail test
+HR@50 0.412 against 0.427 with adjacent pairs alone, synthetic-short 0.537 against 0.530.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TOP = 32  # neighbours kept per item
+META_KEY = "neighbour_weight"  # the checkpoint meta's key for the weight (absent or 0: the towers alone)
+
+
+def consecutive_pairs(users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None = None,
+                      missing: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """(earlier, later) items of every pair one user had one right after the other.
+
+    Each user's rows are read in time order, ties in the input's order (a stable sort by user, then
+    timestamp); pairs never cross two users. A pair with a ``missing`` item (an id outside the
+    catalogue) or an item followed by itself is dropped.
+    """
+    users, items = np.asarray(users), np.asarray(items, dtype=np.int64)
+    if len(items) < 2:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    order = (np.lexsort((np.asarray(timestamps), users)) if timestamps is not None
+             else np.argsort(users, kind="stable"))
+    u, it = users[order], items[order]
+    same_user = u[1:] == u[:-1]
+    src, dst = it[:-1][same_user], it[1:][same_user]
+    keep = (src != missing) & (dst != missing) & (src != dst)
+    return src[keep], dst[keep]
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    """Each item's most frequent neighbours, CSR over item positions (catalogue rows 0..N-1)."""
+
+    indptr: np.ndarray  # (N + 1,) int64
+    cols: np.ndarray  # (nnz,) int64 neighbour positions, most frequent first
+    counts: np.ndarray  # (nnz,) float32 pair counts, either direction
+
+    @property
+    def n_items(self) -> int:
+        return len(self.indptr) - 1
+
+    @classmethod
+    def from_pairs(cls, src: np.ndarray, dst: np.ndarray, n_items: int, top: int = DEFAULT_TOP) -> Neighbours:
+        """Count the pairs in both directions and keep each item's ``top`` most frequent neighbours
+        (ties: the lower position)."""
+        if top < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
+        a = np.concatenate([src, dst]).astype(np.int64)
+        b = np.concatenate([dst, src]).astype(np.int64)
+        if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n_items):
+            raise ValueError(f"pair positions must lie in [0, {n_items})")
+        keys, counts = np.unique(a * n_items + b, return_counts=True)
+        rows, cols = keys // n_items, keys % n_items
+        order = np.lexsort((cols, -counts, rows))  # by row, most frequent first
+        rows, cols, counts = rows[order], cols[order], counts[order]
+        first = np.searchsorted(rows, rows, side="left")  # each entry's row start
+        keep = np.arange(len(rows)) - first < top
+        rows, cols, counts = rows[keep], cols[keep], counts[keep]
+        indptr = np.zeros(n_items + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=n_items), out=indptr[1:])
+        return cls(indptr, cols.astype(np.int64), counts.astype(np.float32))
+
+    def bonus(self, last: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(query, item, log(1 + n)), each (nnz,), for the queries' last items ``last`` (B,) given as
+        positions, -1 for a query without one. Items with n = 0 are left out."""
+        last = np.asarray(last, dtype=np.int64)
+        q = np.flatnonzero(last >= 0)
+        starts, ends = self.indptr[last[q]], self.indptr[last[q] + 1]
+        lens = ends - starts
+        # positions start..end-1 of every query's item, flattened: a ragged arange
+        at = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
+        return np.repeat(q, lens), self.cols[at], np.log1p(self.counts[at])
+
+    def save(self, path: str | Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, indptr=self.indptr, cols=self.cols, counts=self.counts)
+
+    @classmethod
+    def load(cls, path: str | Path, n_items: int | None = None) -> Neighbours:
+        """Read a table ``save`` wrote; ValueError when it is inconsistent (or not over ``n_items``)."""
+        with np.load(path, allow_pickle=False) as z:
+            nb = cls(z["indptr"].astype(np.int64), z["cols"].astype(np.int64), z["counts"].astype(np.float32))
+        n = nb.n_items
+        bad = (n < 0 or nb.indptr[0] != 0 or nb.indptr[-1] != len(nb.cols) or len(nb.cols) != len(nb.counts)
+               or bool(np.any(np.diff(nb.indptr) < 0))
+               or (len(nb.cols) > 0 and (nb.cols.min() < 0 or nb.cols.max() >= n))
+               or not bool(np.isfinite(nb.counts).all()) or bool(np.any(nb.counts < 0)))
+        if bad:
+            raise ValueError(f"{path}: not a consistent neighbour table")
+        if n_items is not None and n != n_items:
+            raise ValueError(f"{path}: a table over {n} items for a catalogue of {n_items}")
+        return nb
