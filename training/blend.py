@@ -50,7 +50,7 @@ def blended_scorer(score: Any, ev: Any, nb: Neighbours, weight: float) -> Any:
     neighbours."""
 
     def blended(users: np.ndarray) -> torch.Tensor:
-        s = torch.as_tensor(score(users)).clone()  # (B, N)
+        s = torch.as_tensor(score(users))  # (B, N): a new block from the scorer, added to in place
         q, cols, bonus = nb.bonus(last_items(ev, np.asarray(users)))
         s[torch.from_numpy(q), torch.from_numpy(cols)] += torch.from_numpy(bonus) * weight
         return s
@@ -77,7 +77,7 @@ def choose_weight(score: Any, ev: Any, nb: Neighbours, k: int, weights: tuple[fl
     tgt_lo = ev.target_indptr[:-1]
     for s0 in range(0, ev.n_users, batch):
         users = np.arange(s0, min(s0 + batch, ev.n_users))
-        s = torch.as_tensor(score(users)).float().clone()  # (B, N)
+        s = torch.as_tensor(score(users)).float()  # (B, N), masked in place: the scorers return a new block
         rows = np.repeat(np.arange(len(users)), ev.mask_indptr[users + 1] - ev.mask_indptr[users])
         cols = np.concatenate([ev.mask_cols[ev.mask_indptr[u]:ev.mask_indptr[u + 1]] for u in users])
         s[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))] = -torch.inf

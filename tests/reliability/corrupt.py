@@ -123,6 +123,19 @@ def pickled_user_tower(d: Path, marker: Path) -> None:
     resign(d)
 
 
+def neighbours_past_the_catalogue(d: Path) -> None:
+    """A neighbour table (what recall blends in) naming rows past the catalogue's end, its weight and
+    file entered in the manifest and re-signed: the service would index item vectors out of range."""
+    n_items = json.loads((d / MANIFEST).read_text())["n_items"]
+    with open(d / "neighbours.npz", "wb") as f:
+        np.savez(f, indptr=np.array([0, 1] + [1] * (n_items - 1), dtype=np.int64),
+                 cols=np.array([n_items + 5], dtype=np.int64), counts=np.array([3.0], dtype=np.float32))
+    m = json.loads((d / MANIFEST).read_text())
+    m["files"]["neighbours.npz"] = {}
+    (d / MANIFEST).write_text(json.dumps(m))
+    resign(d, neighbour_weight=0.5)
+
+
 @dataclass
 class Breakage:
     name: str
@@ -142,6 +155,8 @@ def breakages(marker: Path) -> list[Breakage]:
         Breakage("garbage-manifest", garbage_manifest, ("manifest", "not valid JSON")),
         Breakage("pickled-code-user-tower", lambda d: pickled_user_tower(d, marker),
                  ("user_tower.npz", "not a loadable")),
+        Breakage("neighbours-past-the-catalogue", neighbours_past_the_catalogue,
+                 ("neighbours.npz", "not a consistent neighbour table")),
     ]
 
 
