@@ -17,6 +17,7 @@ SECTIONS = [
                              "benchmarks/results/quality-interests.json --out benchmarks/results/quality-interests.md "
                              "--title 'Retrieval quality: multi-interest defaults (3 interests) beside one interest and "
                              "EASE, in one run'"),
+    ("http_quality.md", "python benchmarks/http_quality.py"),
     ("interests.md", "python benchmarks/interests.py"),
     ("quality.md", "python benchmarks/quality.py"),
     ("quality-tuned.md", "python benchmarks/quality.py --only ease,ours,tuned --store benchmarks/results/quality-tuned.json "
