@@ -137,19 +137,54 @@ def _pick_device(name: str) -> Any:
     return torch.device(name)
 
 
-def idle_cores() -> int:
-    """CPU threads worth using now: the cores not already busy (1-minute load average), at least 1.
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat; None where it is missing.
+    Busy is everything but idle and iowait; stolen time counts as busy (a core the hypervisor took
+    is not ours to use)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]  # user .. steal (guest is inside user)
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def busy_elsewhere(busy: int, total: int, own_cpu_s: float, window_s: float, cores: int) -> float:
+    """Cores other processes kept busy over a window: the machine's busy share of ``total`` ticks,
+    in cores, less this process's own CPU seconds in the window."""
+    if total <= 0 or window_s <= 0:
+        return 0.0
+    return max(0.0, busy / total * cores - own_cpu_s / window_s)
+
+
+def idle_cores(window_s: float = 0.25) -> int:
+    """CPU threads worth using now: the cores other processes are not using, at least 1.
 
     Intra-op threads that share an oversubscribed core spin-wait on each other: on a 2-core machine
     with two other busy processes, 2 threads ran a training step 7x slower than 1 thread. Results do
     not depend on the thread count (checked bit for bit for this model), only the speed does.
+
+    Measured over ``window_s`` from /proc/stat, less this process's own use. The 1-minute load
+    average (the fallback where /proc/stat is missing) also counts this process's own recent work:
+    a run started right after another in the same process (``twotower tune``'s trials, the quality
+    benchmark's rows) got 1 thread of 2 for nothing.
     """
     cores = max(1, os.cpu_count() or 1)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return int(min(cores, max(1, round(cores - load))))
+    before, own0 = _cpu_ticks(), os.times()
+    if before is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # not available on this platform
+            return cores
+        return int(min(cores, max(1, round(cores - load))))
+    time.sleep(window_s)
+    after, own1 = _cpu_ticks(), os.times()
+    assert after is not None
+    own = (own1.user + own1.system) - (own0.user + own0.system)
+    others = busy_elsewhere(after[0] - before[0], after[1] - before[1], own, own1.elapsed - own0.elapsed, cores)
+    return int(min(cores, max(1, round(cores - others))))
 
 
 # ------------------------------------------------------------------------------------------------
