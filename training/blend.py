@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 
 from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
+from training.evaluate import mask_inplace, padded_cols
 
 # geometric from 1/64 to 4 (cosine / temperature logits span ~8 per unit of cosine at T = 0.12),
 # and 0: the towers alone
@@ -74,19 +75,16 @@ def choose_weight(score: Any, ev: Any, nb: Neighbours, k: int, weights: tuple[fl
         raise ValueError("the weights must start with 0 (the towers alone)")
     w = torch.tensor(weights, dtype=torch.float32)  # (W,)
     hit_rows: list[torch.Tensor] = []
-    tgt_lo = ev.target_indptr[:-1]
     for s0 in range(0, ev.n_users, batch):
         users = np.arange(s0, min(s0 + batch, ev.n_users))
         s = torch.as_tensor(score(users)).float()  # (B, N), masked in place: the scorers return a new block
-        rows = np.repeat(np.arange(len(users)), ev.mask_indptr[users + 1] - ev.mask_indptr[users])
-        cols = np.concatenate([ev.mask_cols[ev.mask_indptr[u]:ev.mask_indptr[u + 1]] for u in users])
-        s[torch.from_numpy(rows), torch.from_numpy(cols.astype(np.int64))] = -torch.inf
+        mask_inplace(s, ev, users)
         n = s.shape[1]
         kk = min(k, n)
         top_c = s.topk(kk, dim=1).indices  # (B, k)
         q, nc, bonus = nb.bonus(last_items(ev, users))
-        has_tgt = ev.target_indptr[users + 1] > tgt_lo[users]
-        tgt = torch.from_numpy(np.where(has_tgt, ev.target_cols[np.minimum(tgt_lo[users], len(ev.target_cols) - 1)], 0))
+        tc, tv = padded_cols(ev.target_indptr, ev.target_cols, users)  # one target per user (leave-last-out)
+        has_tgt, tgt = tv[:, 0], torch.from_numpy(tc[:, 0])
         b = torch.arange(len(users))
         # candidates (row, col), each once: the tower's top k and the neighbours, with their bonus
         keys = torch.cat([b.repeat_interleave(kk) * n + top_c.reshape(-1), torch.from_numpy(q * n + nc)])

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from towers.artifacts import atomic_write_json, resolve_model_dir
+from towers.neighbours import Neighbours
 from towers.schema import DataError
 from training.memory import release_freed_memory
 
@@ -267,7 +268,7 @@ def _to_tensor(x: Any) -> torch.Tensor:
     return torch.nan_to_num(t, nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
-def _padded(indptr: np.ndarray, cols: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def padded_cols(indptr: np.ndarray, cols: np.ndarray, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B, T) padded column matrix and validity mask for a batch of users."""
     lens = indptr[users + 1] - indptr[users]
     T = max(int(lens.max()) if len(lens) else 0, 1)
@@ -360,12 +361,12 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
             S = _to_tensor(fn(users))
             if S.shape != (len(users), N):
                 raise ValueError(f"scorer returned shape {tuple(S.shape)}, expected ({len(users)}, {N})")
-            tc, tv = _padded(ev.target_indptr, ev.target_cols, users)
+            tc, tv = padded_cols(ev.target_indptr, ev.target_cols, users)
             tgt = torch.from_numpy(tc)
             valid = torch.from_numpy(tv)
             for mode in modes:
                 if mode == "masked":  # after "raw": S is _to_tensor's own new tensor, free to overwrite
-                    _mask_inplace(S, ev, users)
+                    mask_inplace(S, ev, users)
                 for name, v in _per_user_metrics(target_ranks(S, tgt), valid, ks).items():
                     collected[mode].setdefault(name, []).append(v)
     result: dict[str, Any] = {"which": ev.which, "n_users": U, "n_items": N, "ks": list(ks),
@@ -379,28 +380,30 @@ def evaluate_scores(scores: Any, ev: EvalSet, ks: Sequence[int] = DEFAULT_KS, ma
     return result
 
 
-def _mask_inplace(S: torch.Tensor, ev: EvalSet, users: np.ndarray) -> None:
+def mask_inplace(S: torch.Tensor, ev: EvalSet, users: np.ndarray) -> None:
     """Set each user's seen (non-target) items to -inf in the (B, N) score block."""
     import torch
 
-    mc, mv = _padded(ev.mask_indptr, ev.mask_cols, users)
+    mc, mv = padded_cols(ev.mask_indptr, ev.mask_cols, users)
     rows = np.broadcast_to(np.arange(len(users))[:, None], mc.shape)[mv]
     S[torch.from_numpy(rows), torch.from_numpy(mc[mv])] = -math.inf
 
 
 def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test", ks: Sequence[int] = DEFAULT_KS,
                    mask_seen: MaskMode = "both", ev: EvalSet | None = None,
-                   item_vecs: np.ndarray | None = None) -> dict[str, Any]:
+                   item_vecs: np.ndarray | None = None, neighbours: Neighbours | None = None) -> dict[str, Any]:
     """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``), blended
     with its last item's neighbours when its meta carries a weight (training/blend.py);
-    ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them."""
+    ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them;
+    ``neighbours``: the blend's table of what was known before the targets, when the caller has it."""
     from training.blend import META_KEY, blended_scorer, neighbours_from
 
     ev = ev or build_eval_set(data, split, which)
     score = model_scorer(model, data, ev, item_vecs=item_vecs)
     weight = float(getattr(model, "meta", {}).get(META_KEY) or 0.0)
     if weight > 0:  # the blend the model was published with: the neighbours of what was known then
-        score = blended_scorer(score, ev, neighbours_from(known_before(split, ev.which), ev.item_ids), weight)
+        nb = neighbours if neighbours is not None else neighbours_from(known_before(split, ev.which), ev.item_ids)
+        score = blended_scorer(score, ev, nb, weight)
     return evaluate_scores(score, ev, ks=ks, mask_seen=mask_seen)
 
 
@@ -445,7 +448,7 @@ def folding_share(model_or_scores: Any, data: RecData, split: Split, k: int = 50
             users = np.arange(start, min(ev.n_users, start + 1024), dtype=np.int64)
             S = _to_tensor(fn(users)).clone()  # the scorer may own this memory
             if mask_seen:
-                _mask_inplace(S, ev, users)
+                mask_inplace(S, ev, users)
             top = torch.topk(S, k, dim=1).indices.numpy()  # (B, K)
             clusters = item_cluster[top]  # (B, K)
             known = clusters >= 0

@@ -728,11 +728,13 @@ def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist, record:
         release_freed_memory()  # what the epoch's shards left behind, before the scores come on top
         ev = prep.eval_valid
         item_vecs = eval_item_vectors(built.model, built, ev.item_ids)
-        if cfg.neighbour_weight is None and prep.stream_dir is None:
-            from training.blend import choose_weight, neighbours_from
+        if prep.neighbours is None and prep.stream_dir is None and cfg.neighbour_weight != 0:
+            from training.blend import neighbours_from
 
-            if prep.neighbours is None:  # counted once per run, from the training split only
-                prep.neighbours = neighbours_from(prep.split.train, ev.item_ids)
+            prep.neighbours = neighbours_from(prep.split.train, ev.item_ids)  # once per run, training split only
+        if cfg.neighbour_weight is None and prep.neighbours is not None:
+            from training.blend import choose_weight
+
             weight, curve, why = choose_weight(model_scorer(built.model, prep.data, ev, item_vecs=item_vecs), ev,
                                                prep.neighbours, cfg.eval_k)
             hr = curve[0.0]
@@ -740,7 +742,7 @@ def validate(cfg: TrainConfig, built: Built, prep: Prepared, dist: Dist, record:
                                     f"valid_hr@{cfg.eval_k}": {f"{w:g}": h for w, h in curve.items()}}
         else:
             res = evaluate_model(built.model, prep.data, prep.split, which="valid", ks=(cfg.eval_k,),
-                                 mask_seen="masked", ev=ev, item_vecs=item_vecs)
+                                 mask_seen="masked", ev=ev, item_vecs=item_vecs, neighbours=prep.neighbours)
             hr = float(res["masked"][f"HR@{cfg.eval_k}"])
     built.pair.train()
     return dist.broadcast(hr)
