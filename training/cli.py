@@ -54,6 +54,9 @@ def register_tune(subparsers: Any) -> argparse.ArgumentParser:
                                                    "probably not finish inside it)")
     g.add_argument("--trials", type=int, default=None, help="stop after this many trials (default: the budget decides)")
     g.add_argument("--out", default=None, help="directory for best.json and the trials table and plot")
+    g.add_argument("--prune", choices=("on", "off"), default="on",
+                   help="stop a trial after an epoch whose validation HR is below the median of the earlier "
+                        "trials at that epoch (Optuna's MedianPruner), so the budget holds more trials")
     add_train_flags(p)
     p.set_defaults(handler=_tune_command, parser=p)
     return p
@@ -261,8 +264,10 @@ def _tune_command(args: argparse.Namespace) -> int:
     base = train_config(args)
     fixed = set(args.given_settings) | (set(settings_file(args.config)) if args.config else set())
     res = run_tune(TuneConfig(train=base, budget_s=budget, max_trials=args.trials, out=args.out,
-                              fixed=tuple(sorted(fixed - set(_RUNTIME_FIELDS))), quiet=base.quiet))
-    print(f"best valid HR@{base.eval_k} {res.best_value:.4f} after {len(res.trials)} trials "
+                              fixed=tuple(sorted(fixed - set(_RUNTIME_FIELDS))), quiet=base.quiet,
+                              prune=args.prune == "on"))
+    pruned = sum(t["state"] == "pruned" for t in res.trials)
+    print(f"best valid HR@{base.eval_k} {res.best_value:.4f} after {len(res.trials)} trials ({pruned} pruned) "
           f"(defaults {res.trials[0]['value']:.4f}); wrote {res.out}/best.json, trials.md, trials.png\n"
           f"train the winner: twotower train --config {res.out}/best.json")
     return 0

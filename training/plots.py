@@ -48,7 +48,8 @@ def plot_curves(epochs: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
 
 
 def plot_trials(trials: Sequence[dict[str, Any]], path: str | Path, *, k: int = 50, title: str = "") -> None:
-    """A tuning run: each trial's validation HR@k (dots, trial 0 = the defaults) and the best so far."""
+    """A tuning run: each trial's validation HR@k (dots, trial 0 = the defaults), the best so far, and
+    the trials the pruner stopped (crosses, at their last epoch's validation HR@k)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -63,6 +64,10 @@ def plot_trials(trials: Sequence[dict[str, Any]], path: str | Path, *, k: int = 
         best.append(run)
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(xs, ys, s=18, label="trial")
+    cut = [t for t in trials if t.get("state") == "pruned"]
+    if cut:
+        ax.scatter([int(t["trial"]) for t in cut], [float(t["last_epoch_hr"]) for t in cut], marker="x",
+                   color="tab:red", label="pruned (at its last epoch)")
     ax.step(xs, best, where="post", color="tab:green", label="best so far")
     if ys:
         ax.axhline(ys[0], color="grey", linestyle=":", label=f"defaults (trial 0): {ys[0]:.4f}")

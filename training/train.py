@@ -32,6 +32,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -879,8 +880,13 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
 # the job
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Train, validate each epoch, early-stop, test the best epoch, write the model version."""
+def run(cfg: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train, validate each epoch, early-stop, test the best epoch, write the model version.
+
+    ``on_epoch``: called with each epoch's record after its validation (``valid_hr``, and
+    ``neighbours`` where the blend was chosen); an exception it raises ends the run there, with no
+    test and no model version (``twotower tune`` stops a trial that is not worth finishing this way).
+    """
     import torch
 
     t_start = time.perf_counter()
@@ -916,6 +922,8 @@ def run(cfg: TrainConfig) -> TrainResult:
         while not state.finished and state.epoch < cfg.epochs:
             record = train_epoch(cfg, built, batches, prep.steps, state.epoch + 1, dist, run_dir.dir, show_bar)
             end_epoch(cfg, state, built, run_dir, record, validate(cfg, built, prep, dist, record), dist)
+            if on_epoch is not None:
+                on_epoch(record)
             if cfg.stop_after_epoch is not None and state.epoch >= cfg.stop_after_epoch and not state.finished:
                 log.info("stopping after epoch %d as asked; continue with --resume %s", state.epoch, run_dir.version)
                 dist.barrier()

@@ -9,9 +9,13 @@ row. That figure is each trial's value. The winner's settings go to ``best.json`
 for early stopping, the test rows scored once at the end).
 
 Each trial is one ``training.train.run`` in a scratch directory. The first trial is the defaults
-(with whatever the user fixed), so the winner is never worse than the defaults on validation. A
-trial is only started while the time left is at least the slowest trial so far, so the search ends
-within its budget rather than at the first trial after it. Written next to ``best.json``: the
+(with whatever the user fixed), so the winner is never worse than the defaults on validation. After
+every epoch a trial reports its validation HR@K (with the neighbour blend it chose, as served) to
+Optuna's median pruner, which stops a trial that is below the median of the earlier trials at the
+same epoch (the defaults alone, at first): a hopeless trial costs an epoch or two instead of a whole
+run, so a budget holds more trials. A pruned trial is listed but never wins. A trial is only started
+while the time left is at least the slowest finished trial so far, so the search ends within its
+budget rather than at the first trial after it. Written next to ``best.json``: the
 trials as ``trials.csv`` and ``trials.md`` (best first) and ``trials.png`` (value per trial and the
 best so far).
 """
@@ -82,6 +86,7 @@ class TuneConfig:
     fixed: tuple[str, ...] = ()                 # settings the user gave: never searched
     seed: int = 0
     quiet: bool = False
+    prune: bool = True                          # stop trials below the median at the same epoch
     # (optuna trial) -> settings; None = ``suggest`` (tests pass a tiny space)
     space: Callable[[Any], dict[str, Any]] | None = None
 
@@ -166,34 +171,62 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             trial_cfg = TrainConfig.from_dict({**base_doc, **params, "data": spec, "data_options": {},
                                                "artifacts": str(scratch / f"trial{trial.number}"),
                                                "quiet": True, "resume": None, "stop_after_epoch": None})
+            shown = params or {n: "default" for n in _searched_names(cfg)}
+            reported: list[float] = []
+
+            def report(record: dict[str, Any]) -> None:
+                hr = served_valid_hr(record, k)
+                if hr is None:
+                    return
+                reported.append(hr)
+                trial.report(hr, record["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"valid HR@{k} {hr:.4f} after epoch {record['epoch']}")
+
             t0 = time.perf_counter()
-            res = train_run(trial_cfg)
+            try:
+                res = train_run(trial_cfg, on_epoch=report)
+            except optuna.TrialPruned:
+                secs = time.perf_counter() - t0
+                records.append({"trial": trial.number, "value": float("nan"), "state": "pruned",
+                                "epochs": len(reported), "last_epoch_hr": reported[-1], "seconds": secs,
+                                "best_epoch": None, **shown})
+                trial.set_user_attr("seconds", secs)
+                raise
+            finally:
+                shutil.rmtree(scratch / f"trial{trial.number}", ignore_errors=True)
             secs = time.perf_counter() - t0
             slowest = max(slowest, secs)
-            shutil.rmtree(scratch / f"trial{trial.number}", ignore_errors=True)
             test = res.metrics.get("test") or {}
             value = float(test["masked"][f"HR@{k}"]) if test and f"HR@{k}" in test["masked"] else \
                 float(test["masked"]["HR@50"]) if test else float("nan")
-            shown = params or {n: "default" for n in _searched_names(cfg)}
-            records.append({"trial": trial.number, "value": value, "seconds": secs,
+            records.append({"trial": trial.number, "value": value, "state": "complete",
+                            "epochs": len(res.metrics.get("epochs", [])),
+                            "last_epoch_hr": reported[-1] if reported else float("nan"), "seconds": secs,
                             "best_epoch": res.metrics.get("best_epoch"), **shown})
             trial.set_user_attr("seconds", secs)
             return value
 
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=8)
-        study = optuna.create_study(direction="maximize", sampler=sampler, study_name="twotower-tune")
+        # from trial 1 on, against the finished trials at the same epoch, from epoch 2 (its best so far)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=2) if cfg.prune \
+            else optuna.pruners.NopPruner()
+        study = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner, study_name="twotower-tune")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         bar = _progress(cfg)
 
         def stop_when_out_of_time(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             elapsed = time.perf_counter() - t_start
             best = study.best_value if study.best_trial is not None else float("nan")
-            msg = (f"trial {trial.number}: valid HR@{k} {trial.value if trial.value is not None else float('nan'):.4f} "
-                   f"in {trial.user_attrs.get('seconds', 0):.0f}s; best {best:.4f} (trial {study.best_trial.number}); "
-                   f"{_fmt_s(elapsed)} of {_fmt_s(cfg.budget_s)}")
+            pruned = sum(r.get("state") == "pruned" for r in records)
+            what = (f"pruned after epoch {records[-1]['epochs']} (valid HR@{k} {records[-1]['last_epoch_hr']:.4f} then)"
+                    if records and records[-1]["trial"] == trial.number and records[-1].get("state") == "pruned"
+                    else f"valid HR@{k} {trial.value if trial.value is not None else float('nan'):.4f}")
+            msg = (f"trial {trial.number}: {what} in {trial.user_attrs.get('seconds', 0):.0f}s; best {best:.4f} "
+                   f"(trial {study.best_trial.number}); {_fmt_s(elapsed)} of {_fmt_s(cfg.budget_s)}")
             if bar is not None:
                 bar.n = min(int(elapsed), bar.total)
-                bar.set_postfix_str(f"trials {trial.number + 1}, best {best:.4f}")
+                bar.set_postfix_str(f"trials {trial.number + 1} ({pruned} pruned), best {best:.4f}")
                 bar.refresh()
             log.info(msg)
             if cfg.budget_s - elapsed < slowest:
@@ -206,18 +239,18 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    done = [r for r in records if math.isfinite(r["value"])]
+    done = [r for r in records if r.get("state") == "complete" and math.isfinite(r["value"])]
     if not done:
         raise RuntimeError("no trial finished inside the budget; give --budget more time")
     best = max(done, key=lambda r: r["value"])
-    best_params = {n: v for n, v in best.items()
-                   if n not in ("trial", "value", "seconds", "best_epoch") and v != "default"}
+    best_params = {n: v for n, v in best.items() if n not in _RECORD_FIELDS and v != "default"}
     runtime = set(_RUNTIME_FIELDS) | {"data", "data_options"}
     best_cfg = {n: v for n, v in TrainConfig.from_dict({**base_doc, **best_params}).to_dict().items()
                 if n not in runtime}
     best_cfg = {"data": base.data, "data_options": base.data_options, **best_cfg}
     doc = {"train": best_cfg, "searched": best_params, f"valid_hr@{k}": best["value"], "trial": best["trial"],
            "defaults_valid_hr": records[0]["value"] if records else None, "trials": len(records),
+           "pruned": sum(r["state"] == "pruned" for r in records),
            "budget_s": cfg.budget_s, "elapsed_s": time.perf_counter() - t_start,
            "note": "value = HR@K on the validation rows; the test rows were never read. "
                    "Train the winner with: twotower train --config best.json"}
@@ -228,10 +261,24 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     from training.plots import plot_trials
 
     plot_trials(records, out / "trials.png", k=k, title=f"twotower tune on {base.data}")
-    log.info("best valid HR@%d %.4f (trial %d, defaults %.4f) after %d trials in %s; wrote %s",
-             k, best["value"], best["trial"], records[0]["value"], len(records),
+    log.info("best valid HR@%d %.4f (trial %d, defaults %.4f) after %d trials (%d pruned) in %s; wrote %s",
+             k, best["value"], best["trial"], records[0]["value"], len(records), doc["pruned"],
              _fmt_s(time.perf_counter() - t_start), out / "best.json")
     return TuneResult(out, best["value"], best_params, best_cfg, records)
+
+
+# the columns of a trial's record that are not settings
+_RECORD_FIELDS = ("trial", "value", "state", "epochs", "last_epoch_hr", "seconds", "best_epoch")
+
+
+def served_valid_hr(record: dict[str, Any], k: int) -> float | None:
+    """An epoch's validation HR@K as the model would be served: at the neighbour weight that epoch
+    chose (``training/blend.py``) where it chose one, else the towers' own."""
+    blend = record.get("neighbours")
+    if blend:
+        return float(blend[f"valid_hr@{k}"][f"{blend['weight']:g}"])
+    hr = record.get("valid_hr")
+    return None if hr is None else float(hr)
 
 
 def _searched_names(cfg: TuneConfig) -> list[str]:
@@ -276,13 +323,15 @@ def _plain(o: Any) -> Any:
 
 def _markdown(table: Any, k: int) -> str:
     cols = [c for c in table.columns if c != "trial"]
-    lines = ["| trial | " + " | ".join(f"valid HR@{k}" if c == "value" else c for c in cols) + " |",
+    names = {"value": f"valid HR@{k}", "last_epoch_hr": f"last epoch's valid HR@{k}"}
+    lines = ["| trial | " + " | ".join(names.get(c, c) for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     for _, r in table.iterrows():
         cells = []
         for c in cols:
             v = r[c]
-            cells.append(f"{v:.4f}" if isinstance(v, float) and c == "value" else
+            cells.append("-" if isinstance(v, float) and v != v else
+                         f"{v:.4f}" if isinstance(v, float) and c in ("value", "last_epoch_hr") else
                          f"{v:.3g}" if isinstance(v, float) else str(v))
         lines.append(f"| {int(r['trial'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

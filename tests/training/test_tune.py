@@ -121,3 +121,33 @@ def test_a_bad_settings_file_exits_2_naming_the_file(tmp_path: Path, capsys: pyt
     rc, _, err = _cli(["train", "--config", str(path), "--artifacts", str(tmp_path), "--quiet"], capsys)
     assert rc == 2 and needle in err
     assert not (tmp_path / "models").exists()
+
+
+def test_a_trial_below_the_defaults_is_pruned_after_epoch_2_and_never_wins(tmp_path: Path) -> None:
+    """The pruner stops a hopeless trial (a learning rate too small to move the tables) at epoch 2,
+    the first epoch it may judge; the table lists it as pruned and the winner is a finished trial.
+    Without pruning the same trial runs all its epochs."""
+    data = make_synthetic(seed=3, n_users=150, n_items=100, n_clusters=4, interactions_per_user=12)
+    spec = _write(data, tmp_path / "d")
+
+    def hopeless(trial: Any) -> dict[str, Any]:
+        tiny = trial.suggest_categorical("lr", [1e-9])
+        return {"lr": tiny, "embedding_lr": tiny}  # the MLPs' and the id tables' rates
+
+    def tune(name: str, prune: bool) -> Any:
+        base = TrainConfig(data=spec, epochs=4, patience=10, num_threads=1, artifacts=str(tmp_path / name), quiet=True)
+        return run_tune(TuneConfig(train=base, budget_s=120, max_trials=2, space=hopeless, prune=prune,
+                                   out=str(tmp_path / name / "out"), quiet=True))
+
+    res = tune("pruned", prune=True)
+    defaults, bad = res.trials
+    assert defaults["state"] == "complete" and defaults["epochs"] == 4
+    assert bad["state"] == "pruned" and bad["epochs"] == 2 and bad["value"] != bad["value"]  # NaN: no final value
+    assert bad["last_epoch_hr"] < defaults["last_epoch_hr"]
+    best = json.loads((res.out / "best.json").read_text())
+    assert best["trial"] == 0 and best["pruned"] == 1 and best["searched"] == {}
+    md = (res.out / "trials.md").read_text()
+    assert "| state |" in md and "| pruned |" in md and md.index("| 0 |") < md.index("| 1 |")
+
+    full = tune("unpruned", prune=False)
+    assert [t["state"] for t in full.trials] == ["complete", "complete"] and full.trials[1]["epochs"] == 4
