@@ -292,10 +292,11 @@ def run_tuned(cfg: QualityConfig, spec: str, data: Any, split: Any, ev: EvalSet,
     tune_s = time.perf_counter() - t0
     best = json.loads((res.out / "best.json").read_text())
     trials = pd.read_csv(res.out / "trials.csv")
-    note = (f"tune {tune_s:.0f}s, {len(trials)} trials, valid HR@50 {best['valid_hr@50']:.4f} "
+    note = (f"tune {tune_s:.0f}s, {len(trials)} trials ({best.get('pruned', 0)} pruned), valid HR@50 {best['valid_hr@50']:.4f} "
             f"(defaults {best['defaults_valid_hr']:.4f}); winner {json.dumps(best['searched'], default=str)}")
     row = _train_and_score(spec, data, split, ev, "tuned", workdir, {**best["train"], "data": spec}, note)
-    row.extra.update({"tune_s": tune_s, "trials": len(trials), "best": best})
+    row.extra.update({"tune_s": tune_s, "trials": len(trials), "best": best,
+                      "table": (res.out / "trials.md").read_text()})
     return row
 
 

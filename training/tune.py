@@ -143,6 +143,9 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     from training.train import run as train_run
 
     base: TrainConfig = cfg.train
+    clash = set(_searched_names(cfg)) & set(_RECORD_FIELDS)
+    if clash:
+        raise ValueError(f"searched setting(s) {sorted(clash)} share a name with a column of the trials table")
     out = Path(cfg.out) if cfg.out else Path(base.artifacts) / "tune" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -189,7 +192,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             except optuna.TrialPruned:
                 secs = time.perf_counter() - t0
                 records.append({"trial": trial.number, "value": float("nan"), "state": "pruned",
-                                "epochs": len(reported), "last_epoch_hr": reported[-1], "seconds": secs,
+                                "epochs_run": len(reported), "last_epoch_hr": reported[-1], "seconds": secs,
                                 "best_epoch": None, **shown})
                 trial.set_user_attr("seconds", secs)
                 raise
@@ -201,7 +204,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             value = float(test["masked"][f"HR@{k}"]) if test and f"HR@{k}" in test["masked"] else \
                 float(test["masked"]["HR@50"]) if test else float("nan")
             records.append({"trial": trial.number, "value": value, "state": "complete",
-                            "epochs": len(res.metrics.get("epochs", [])),
+                            "epochs_run": len(res.metrics.get("epochs", [])),
                             "last_epoch_hr": reported[-1] if reported else float("nan"), "seconds": secs,
                             "best_epoch": res.metrics.get("best_epoch"), **shown})
             trial.set_user_attr("seconds", secs)
@@ -219,7 +222,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             elapsed = time.perf_counter() - t_start
             best = study.best_value if study.best_trial is not None else float("nan")
             pruned = sum(r.get("state") == "pruned" for r in records)
-            what = (f"pruned after epoch {records[-1]['epochs']} (valid HR@{k} {records[-1]['last_epoch_hr']:.4f} then)"
+            what = (f"pruned after epoch {records[-1]['epochs_run']} (valid HR@{k} {records[-1]['last_epoch_hr']:.4f} then)"
                     if records and records[-1]["trial"] == trial.number and records[-1].get("state") == "pruned"
                     else f"valid HR@{k} {trial.value if trial.value is not None else float('nan'):.4f}")
             msg = (f"trial {trial.number}: {what} in {trial.user_attrs.get('seconds', 0):.0f}s; best {best:.4f} "
@@ -268,7 +271,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
 
 
 # the columns of a trial's record that are not settings
-_RECORD_FIELDS = ("trial", "value", "state", "epochs", "last_epoch_hr", "seconds", "best_epoch")
+_RECORD_FIELDS = ("trial", "value", "state", "epochs_run", "last_epoch_hr", "seconds", "best_epoch")
 
 
 def served_valid_hr(record: dict[str, Any], k: int) -> float | None:

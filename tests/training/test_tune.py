@@ -141,8 +141,8 @@ def test_a_trial_below_the_defaults_is_pruned_after_epoch_2_and_never_wins(tmp_p
 
     res = tune("pruned", prune=True)
     defaults, bad = res.trials
-    assert defaults["state"] == "complete" and defaults["epochs"] == 4
-    assert bad["state"] == "pruned" and bad["epochs"] == 2 and bad["value"] != bad["value"]  # NaN: no final value
+    assert defaults["state"] == "complete" and defaults["epochs_run"] == 4
+    assert bad["state"] == "pruned" and bad["epochs_run"] == 2 and bad["value"] != bad["value"]  # NaN: no final value
     assert bad["last_epoch_hr"] < defaults["last_epoch_hr"]
     best = json.loads((res.out / "best.json").read_text())
     assert best["trial"] == 0 and best["pruned"] == 1 and best["searched"] == {}
@@ -150,4 +150,14 @@ def test_a_trial_below_the_defaults_is_pruned_after_epoch_2_and_never_wins(tmp_p
     assert "| state |" in md and "| pruned |" in md and md.index("| 0 |") < md.index("| 1 |")
 
     full = tune("unpruned", prune=False)
-    assert [t["state"] for t in full.trials] == ["complete", "complete"] and full.trials[1]["epochs"] == 4
+    assert [t["state"] for t in full.trials] == ["complete", "complete"] and full.trials[1]["epochs_run"] == 4
+
+
+def test_a_searched_setting_may_not_share_a_name_with_a_trials_column(tmp_path: Path) -> None:
+    """``epochs`` is a setting; the trials table counts the epochs a trial ran as ``epochs_run``. A
+    setting named like a column would be dropped from best.json's winner without a word."""
+    base = TrainConfig(data="synthetic", epochs=1, num_threads=1, artifacts=str(tmp_path), quiet=True)
+    space = lambda trial: {"seconds": trial.suggest_int("seconds", 1, 2)}  # noqa: E731
+    with pytest.raises(ValueError, match=r"\['seconds'\] share a name"):
+        run_tune(TuneConfig(train=base, budget_s=60, space=space, out=str(tmp_path / "out"), quiet=True))
+    assert not (tmp_path / "out").exists()
