@@ -10,7 +10,6 @@ users' noise could explain (``MIN_Z``) keeps 0.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -18,7 +17,7 @@ import pandas as pd
 import torch
 
 from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
-from training.evaluate import mask_inplace, padded_cols
+from training.evaluate import mask_inplace, padded_cols, paired_difference
 
 # geometric from 1/64 to 4 (cosine / temperature logits span ~8 per unit of cosine at T = 0.12),
 # and 0: the towers alone
@@ -108,9 +107,9 @@ def choose_weight(score: Any, ev: Any, nb: Neighbours, k: int, weights: tuple[fl
     best = max(hr, key=lambda x: (hr[x], -x))  # the smaller weight on a tie
     if best == 0.0:
         return 0.0, hr, f"no weight beat the towers alone ({hr[0.0]:.4f} valid HR@{k})"
-    diff = hits[:, weights.index(best)] - hits[:, 0]  # per user: +1 found with the blend only, -1 without only
-    se = float(diff.std()) / math.sqrt(n_users) if len(diff) > 1 else math.inf
+    # per user: +1 found with the blend only, -1 without only
+    ahead_by, se = paired_difference(hits[:, weights.index(best)].numpy(), hits[:, 0].numpy())
     gain = f"{hr[best]:.4f} valid HR@{k} at {best:g} against {hr[0.0]:.4f} for the towers alone"
-    if not float(diff.mean()) > min_z * se:
+    if not ahead_by > min_z * se:
         return 0.0, hr, f"{gain}: within {min_z:g} standard errors ({se:.4f}) of no gain, so 0"
-    return best, hr, f"{gain} (+{float(diff.mean()) / se:.1f} standard errors)"
+    return best, hr, f"{gain} (+{ahead_by / se:.1f} standard errors)"

@@ -391,11 +391,13 @@ def mask_inplace(S: torch.Tensor, ev: EvalSet, users: np.ndarray) -> None:
 
 def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test", ks: Sequence[int] = DEFAULT_KS,
                    mask_seen: MaskMode = "both", ev: EvalSet | None = None,
-                   item_vecs: np.ndarray | None = None, neighbours: Neighbours | None = None) -> dict[str, Any]:
+                   item_vecs: np.ndarray | None = None, neighbours: Neighbours | None = None,
+                   per_user: bool = False) -> dict[str, Any]:
     """Evaluate a towers ``TwoTowerModel`` (anything with ``embed_users``/``embed_items``), blended
     with its last item's neighbours when its meta carries a weight (training/blend.py);
     ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them;
-    ``neighbours``: the blend's table of what was known before the targets, when the caller has it."""
+    ``neighbours``: the blend's table of what was known before the targets, when the caller has it;
+    ``per_user``: as ``evaluate_scores``'s."""
     from training.blend import META_KEY, blended_scorer, neighbours_from
 
     ev = ev or build_eval_set(data, split, which)
@@ -404,7 +406,16 @@ def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test",
     if weight > 0:  # the blend the model was published with: the neighbours of what was known then
         nb = neighbours if neighbours is not None else neighbours_from(known_before(split, ev.which), ev.item_ids)
         score = blended_scorer(score, ev, nb, weight)
-    return evaluate_scores(score, ev, ks=ks, mask_seen=mask_seen)
+    return evaluate_scores(score, ev, ks=ks, mask_seen=mask_seen, per_user=per_user)
+
+
+def paired_difference(new: Any, base: Any) -> tuple[float, float]:
+    """(mean, standard error) of the per-user difference ``new - base`` of two models' hits on the
+    same users: how far one is ahead of the other, and how much of that the users' noise explains."""
+    diff = np.asarray(new, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if len(diff) < 2:
+        return float(diff.mean()) if len(diff) else 0.0, math.inf
+    return float(diff.mean()), float(diff.std(ddof=1)) / math.sqrt(len(diff))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,6 +70,9 @@ class TrainResult:
     model_version: str
     dir: Path
     metrics: dict[str, Any]
+    # the test evaluation per user ({"masked"/"raw": {metric: (U,) array}}, the users in the evaluation
+    # set's order): for comparing two runs on the same data user by user (twotower tune); not saved
+    test_per_user: dict[str, Any] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -834,8 +837,9 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
     if blend["weight"]:
         log.info("recall blends in the last item's neighbours at weight %g: %s", blend["weight"], blend["why"])
     test = (evaluate_model(best, prep.data, split, which="test", ks=(10, 50, 100),
-                           item_vecs=eval_item_vectors(best, built, prep.data.items.index.to_numpy()))
+                           item_vecs=eval_item_vectors(best, built, prep.data.items.index.to_numpy()), per_user=True)
             if len(split.test) else None)
+    test_per_user = test.pop("per_user") if test is not None else None
     rss[0] = peak_rss_mb()  # the test evaluation included
     metrics: dict[str, Any] = {
         "model_version": run.version,
@@ -873,7 +877,7 @@ def finish(cfg: TrainConfig, run: RunDir, prep: Prepared, built: Built, state: T
         log.info("model %s: test HR@50 masked %.4f raw %.4f (best epoch %d) in %.1fs, peak memory %.0f MiB",
                  run.version, test["masked"]["HR@50"], test["raw"]["HR@50"], state.best_epoch,
                  metrics["wall_time_s"], max(rss))
-    return TrainResult(run.version, run.dir, metrics)
+    return TrainResult(run.version, run.dir, metrics, test_per_user)
 
 
 # ------------------------------------------------------------------------------------------------

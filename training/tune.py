@@ -9,7 +9,10 @@ row. That figure is each trial's value. The winner's settings go to ``best.json`
 for early stopping, the test rows scored once at the end).
 
 Each trial is one ``training.train.run`` in a scratch directory. The first trial is the defaults
-(with whatever the user fixed), so the winner is never worse than the defaults on validation. After
+(with whatever the user fixed), so the winner is never worse than the defaults on validation; and the
+best trial replaces them only when its lead over them is beyond the validation users' noise (``min_z``
+standard errors of the per-user difference, the rule the neighbour blend's weight follows): the best
+of many noisy trials is ahead partly by luck, which a few hundred users cannot tell apart. After
 every epoch a trial reports its validation HR@K (with the neighbour blend it chose, as served) to
 Optuna's median pruner, which stops a trial that is below the median of the earlier trials at the
 same epoch (the defaults alone, at first): a hopeless trial costs an epoch or two instead of a whole
@@ -87,6 +90,9 @@ class TuneConfig:
     seed: int = 0
     quiet: bool = False
     prune: bool = True                          # stop trials below the median at the same epoch
+    # the best trial replaces the defaults only when it is ahead of them by this many standard errors
+    # of the per-user difference on the validation rows (training.blend.MIN_Z's rule, for the same reason)
+    min_z: float = 2.0
     # (optuna trial) -> settings; None = ``suggest`` (tests pass a tiny space)
     space: Callable[[Any], dict[str, Any]] | None = None
 
@@ -162,6 +168,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         # and so do the interests with the encoder (3 with attention pooling, 1 with the others)
         base_doc = {**base.to_dict(), **{f: None for f in ("emb_dim", "interests") if f not in cfg.fixed}}
         records: list[dict[str, Any]] = []
+        hits: dict[int, Any] = {}  # trial -> (users,) its hits on the validation rows, for the noise rule
         slowest = 0.0
 
         def objective(trial: optuna.Trial) -> float:
@@ -201,8 +208,10 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
             secs = time.perf_counter() - t0
             slowest = max(slowest, secs)
             test = res.metrics.get("test") or {}
-            value = float(test["masked"][f"HR@{k}"]) if test and f"HR@{k}" in test["masked"] else \
-                float(test["masked"]["HR@50"]) if test else float("nan")
+            metric = f"HR@{k}" if test and f"HR@{k}" in test["masked"] else "HR@50"
+            value = float(test["masked"][metric]) if test else float("nan")
+            if res.test_per_user is not None:
+                hits[trial.number] = res.test_per_user["masked"][metric]
             records.append({"trial": trial.number, "value": value, "state": "complete",
                             "epochs_run": len(res.metrics.get("epochs", [])),
                             "last_epoch_hr": reported[-1] if reported else float("nan"), "seconds": secs,
@@ -246,6 +255,10 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     if not done:
         raise RuntimeError("no trial finished inside the budget; give --budget more time")
     best = max(done, key=lambda r: r["value"])
+    verdict = _beats_the_defaults(best, records, hits, k, cfg.min_z)
+    if records[0] in done and best is not records[0] and not verdict["beats"]:
+        log.info("keeping the defaults: %s", verdict["why"])
+        best = records[0]
     best_params = {n: v for n, v in best.items() if n not in _RECORD_FIELDS and v != "default"}
     runtime = set(_RUNTIME_FIELDS) | {"data", "data_options"}
     best_cfg = {n: v for n, v in TrainConfig.from_dict({**base_doc, **best_params}).to_dict().items()
@@ -253,7 +266,7 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
     best_cfg = {"data": base.data, "data_options": base.data_options, **best_cfg}
     doc = {"train": best_cfg, "searched": best_params, f"valid_hr@{k}": best["value"], "trial": best["trial"],
            "defaults_valid_hr": records[0]["value"] if records else None, "trials": len(records),
-           "pruned": sum(r["state"] == "pruned" for r in records),
+           "pruned": sum(r["state"] == "pruned" for r in records), "against_the_defaults": verdict,
            "budget_s": cfg.budget_s, "elapsed_s": time.perf_counter() - t_start,
            "note": "value = HR@K on the validation rows; the test rows were never read. "
                    "Train the winner with: twotower train --config best.json"}
@@ -268,6 +281,26 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
              k, best["value"], best["trial"], records[0]["value"], len(records), doc["pruned"],
              _fmt_s(time.perf_counter() - t_start), out / "best.json")
     return TuneResult(out, best["value"], best_params, best_cfg, records)
+
+
+def _beats_the_defaults(best: dict[str, Any], records: list[dict[str, Any]], hits: dict[int, Any], k: int,
+                        min_z: float) -> dict[str, Any]:
+    """Whether the best trial is ahead of the defaults (trial 0) by more than ``min_z`` standard
+    errors of their per-user difference on the validation rows: the best of many noisy trials is
+    ahead of the rest partly by luck, and on a few hundred users a few hits decide the order."""
+    from training.evaluate import paired_difference
+
+    if best["trial"] == 0:
+        return {"beats": False, "why": "the defaults are the best trial"}
+    if 0 not in hits or best["trial"] not in hits:
+        return {"beats": True, "why": "no per-user hits to compare (no validation rows)"}
+    ahead, se = paired_difference(hits[best["trial"]], hits[0])
+    z = ahead / se if se > 0 else (math.inf if ahead > 0 else 0.0)
+    figures = (f"trial {best['trial']}'s valid HR@{k} {best['value']:.4f} against the defaults' "
+               f"{records[0]['value']:.4f}: {ahead:+.4f}, {z:.1f} standard errors ({se:.4f}) of the per-user difference")
+    if z >= min_z:
+        return {"beats": True, "gain": ahead, "se": se, "why": figures}
+    return {"beats": False, "gain": ahead, "se": se, "why": f"{figures}, within {min_z:g} of no gain"}
 
 
 # the columns of a trial's record that are not settings
