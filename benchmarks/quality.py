@@ -489,6 +489,9 @@ def render_markdown(store: dict[str, Any]) -> str:
                          f"{_fmt(mk['NDCG@50'])} | {_fmt(mk['MRR'])} | {_fmt(raw['HR@50'])} | {_fmt(r['train_s'], 1)} | "
                          f"{_fmt(r.get('cpu_s'), 1)} | {_fmt(mk['HR@50'] / ease, 2) if ease else '-'} |")
         notes = [(n, rows[n]["notes"]) for n in ALL_ROWS if n in rows and rows[n].get("notes")]
+        verdict = ((rows.get("tuned") or {}).get("extra") or {}).get("best", {}).get("against_the_defaults")
+        if verdict:  # the tune's noise rule (training/tune.py): why the winner did or did not replace the defaults
+            notes.append(("tuned, against the defaults", verdict["why"]))
         if notes:
             lines += [""] + [f"- {n}: {t}" for n, t in notes]
         when = store["datasets"][d].get("env", {})
