@@ -17,15 +17,14 @@ import pandas as pd
 import torch
 
 from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
-from training.evaluate import mask_inplace, padded_cols, paired_difference
+from training.evaluate import MIN_Z, mask_inplace, padded_cols, paired_difference
 
 # geometric from 1/64 to 4 (cosine / temperature logits span ~8 per unit of cosine at T = 0.12),
 # and 0: the towers alone
 WEIGHTS: tuple[float, ...] = (0.0, *(2.0 ** e for e in range(-6, 3)))
-# a blend must beat the towers alone by this many standard errors of the paired difference on the
+# a blend must beat the towers alone by MIN_Z standard errors of the paired difference on the
 # validation users: on ml-latest-small (610 users) the best weight gained 0.013 valid HR@50 (1.4 of
 # them) and lost 0.015 on test
-MIN_Z = 2.0
 __all__ = ["META_KEY", "WEIGHTS", "blended_scorer", "choose_weight", "last_items", "neighbours_from"]
 
 

@@ -409,6 +409,11 @@ def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test",
     return evaluate_scores(score, ev, ks=ks, mask_seen=mask_seen, per_user=per_user)
 
 
+# how many standard errors of the per-user difference a gain must clear before a choice made on the
+# validation rows counts it (the neighbour blend's weight, twotower tune's winner over the defaults)
+MIN_Z = 2.0
+
+
 def paired_difference(new: Any, base: Any) -> tuple[float, float]:
     """(mean, standard error) of the per-user difference ``new - base`` of two models' hits on the
     same users: how far one is ahead of the other, and how much of that the users' noise explains."""

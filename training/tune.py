@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.evaluate import MIN_Z, paired_difference
+
 log = logging.getLogger(__name__)
 
 _DURATION = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*$")
@@ -91,8 +93,8 @@ class TuneConfig:
     quiet: bool = False
     prune: bool = True                          # stop trials below the median at the same epoch
     # the best trial replaces the defaults only when it is ahead of them by this many standard errors
-    # of the per-user difference on the validation rows (training.blend.MIN_Z's rule, for the same reason)
-    min_z: float = 2.0
+    # of the per-user difference on the validation rows (the neighbour blend's rule, for the same reason)
+    min_z: float = MIN_Z
     # (optuna trial) -> settings; None = ``suggest`` (tests pass a tiny space)
     space: Callable[[Any], dict[str, Any]] | None = None
 
@@ -230,9 +232,10 @@ def run_tune(cfg: TuneConfig) -> TuneResult:
         def stop_when_out_of_time(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
             elapsed = time.perf_counter() - t_start
             best = study.best_value if study.best_trial is not None else float("nan")
-            pruned = sum(r.get("state") == "pruned" for r in records)
-            what = (f"pruned after epoch {records[-1]['epochs_run']} (valid HR@{k} {records[-1]['last_epoch_hr']:.4f} then)"
-                    if records and records[-1]["trial"] == trial.number and records[-1].get("state") == "pruned"
+            pruned = sum(r["state"] == "pruned" for r in records)
+            # a pruned trial's record is the last one: the objective wrote it before raising
+            what = (f"pruned after epoch {records[-1]['epochs_run']} (valid HR@{k} {records[-1]['last_epoch_hr']:.4f} "
+                    "then)" if trial.state == optuna.trial.TrialState.PRUNED
                     else f"valid HR@{k} {trial.value if trial.value is not None else float('nan'):.4f}")
             msg = (f"trial {trial.number}: {what} in {trial.user_attrs.get('seconds', 0):.0f}s; best {best:.4f} "
                    f"(trial {study.best_trial.number}); {_fmt_s(elapsed)} of {_fmt_s(cfg.budget_s)}")
@@ -288,8 +291,6 @@ def _beats_the_defaults(best: dict[str, Any], records: list[dict[str, Any]], hit
     """Whether the best trial is ahead of the defaults (trial 0) by more than ``min_z`` standard
     errors of their per-user difference on the validation rows: the best of many noisy trials is
     ahead of the rest partly by luck, and on a few hundred users a few hits decide the order."""
-    from training.evaluate import paired_difference
-
     if best["trial"] == 0:
         return {"beats": False, "why": "the defaults are the best trial"}
     if 0 not in hits or best["trial"] not in hits:
