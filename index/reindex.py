@@ -48,7 +48,7 @@ from index.searcher import (
     torch_cuda_available,
 )
 from towers.artifacts import DEFAULT_REDIS_PREFIX, new_version, resolve_model_dir
-from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
+from towers.neighbours import Neighbours, consecutive_pairs, weight_of
 from towers.schema import DataError, conform_table, normalize_user_id, read_table_with_lines
 from towers.validation import JobConfig, PositiveInt, UnitInterval
 
@@ -428,7 +428,7 @@ def run(cfg: ReindexConfig) -> Manifest:
     clock.lap("recall_gate")
 
     popular = popularity(inputs.interactions, inputs.catalogue.index, cfg.popular_cap, id_is_int)
-    weight = float(model.meta.get(META_KEY) or 0.0)  # chosen by the training job (training/blend.py)
+    weight = weight_of(model.meta, str(model_dir / "model.pt"))  # chosen by the training job (training/blend.py)
     neighbours = item_neighbours(inputs.interactions, inputs.catalogue.index) if weight > 0 else None
     version = new_version()
     staged = staging_dir(artifacts, version)

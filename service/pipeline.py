@@ -332,7 +332,7 @@ def _popular(r: Resolved) -> bytes:
 
 def blend_neighbours(b: ServingBundle, users: np.ndarray, scores: np.ndarray, fids: np.ndarray,
                      histories: Sequence[Sequence[ItemId]]) -> tuple[np.ndarray, np.ndarray]:
-    """Search results re-ranked by tower score + weight * log(1 + n) for the neighbours of each
+    """Search results re-ranked by tower score + weight * ``Neighbours.bonus`` for the neighbours of each
     user's last history item (towers.neighbours; training/blend.py ranks the offline evaluation the
     same way), best first. Every neighbour is scored exactly (the search may not have returned it).
 

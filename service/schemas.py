@@ -53,9 +53,10 @@ FeatureValue = (Annotated[float, Field(allow_inf_nan=False)] | Annotated[str, St
 class RecallItem(BaseModel):
     item_id: int | str = Field(description="catalogue item id, with the catalogue's type")
     score: float = Field(description="inner product of user and item vectors (the best interest's, for a "
-                                     "multi-interest model), plus w * log(1 + n) when the bundle blends in the "
-                                     "last item's neighbours (n: the times the item sat next to the user's last "
-                                     "item in the histories; w: the manifest's neighbour_weight); for the "
+                                     "multi-interest model), plus w * n / sqrt(T(last) T(item)) when the bundle "
+                                     "blends in the last item's neighbours (n: the times the item sat next to the "
+                                     "user's last item in the histories, T: an item's total over its neighbours; "
+                                     "w: the manifest's neighbour_weight); for the "
                                      "popularity fallback a rank score, 1 - rank / list length (1.0 for the most "
                                      "popular item)")
 

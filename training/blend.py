@@ -1,8 +1,8 @@
 """The towers' scores blended with the user's last item's neighbours (``towers.neighbours``).
 
 Training picks the blend's weight on the validation split (``choose_weight``, run once after the best
-epoch is known): it scores the validation users with the towers, adds ``weight * log(1 + n)`` for the
-neighbours of each user's last item, counted from the training split alone, and keeps the weight with
+epoch is known): it scores the validation users with the towers, adds ``weight * cosine(last, item)`` (``Neighbours.bonus``)
+for the neighbours of each user's last item, counted from the training split alone, and keeps the weight with
 the highest masked HR@K; ties go to the smaller weight. The chosen weight travels in the checkpoint's meta (``neighbour_weight``); the offline
 evaluation (``blended_scorer``) and the service apply it the same way. A gain that the validation
 users' noise could explain (``MIN_Z``) keeps 0.
@@ -16,16 +16,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from towers.neighbours import META_KEY, Neighbours, consecutive_pairs
+from towers.neighbours import Neighbours, consecutive_pairs
 from training.evaluate import MIN_Z, mask_inplace, padded_cols, paired_difference
 
-# geometric from 1/64 to 4 (cosine / temperature logits span ~8 per unit of cosine at T = 0.12),
-# and 0: the towers alone
-WEIGHTS: tuple[float, ...] = (0.0, *(2.0 ** e for e in range(-6, 3)))
+# geometric from 1/64 to 16 (the bonus is a cosine in (0, 1]; the towers' cosine / temperature logits
+# span ~8 per unit of cosine at T = 0.12), and 0: the towers alone. With a grid up to 32 the validation
+# rows chose 4 on synthetic-longtail and synthetic-short
+WEIGHTS: tuple[float, ...] = (0.0, *(2.0 ** e for e in range(-6, 5)))
 # a blend must beat the towers alone by MIN_Z standard errors of the paired difference on the
 # validation users: on ml-latest-small (610 users) the best weight gained 0.013 valid HR@50 (1.4 of
 # them) and lost 0.015 on test
-__all__ = ["META_KEY", "WEIGHTS", "blended_scorer", "choose_weight", "last_items", "neighbours_from"]
+__all__ = ["WEIGHTS", "blended_scorer", "choose_weight", "last_items", "neighbours_from"]
 
 
 def neighbours_from(interactions: pd.DataFrame, item_ids: Any) -> Neighbours:
@@ -45,8 +46,8 @@ def last_items(ev: Any, users: np.ndarray) -> np.ndarray:
 
 
 def blended_scorer(score: Any, ev: Any, nb: Neighbours, weight: float) -> Any:
-    """``score`` (users -> (B, N) tower scores) plus ``weight * log(1 + n)`` of each user's last item's
-    neighbours."""
+    """``score`` (users -> (B, N) tower scores) plus ``weight`` times the bonus (``Neighbours.bonus``) of
+    each user's last item's neighbours."""
 
     def blended(users: np.ndarray) -> torch.Tensor:
         s = torch.as_tensor(score(users))  # (B, N): a new block from the scorer, added to in place

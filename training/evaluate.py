@@ -398,11 +398,12 @@ def evaluate_model(model: Any, data: RecData, split: Split, which: str = "test",
     ``item_vecs``: the catalogue's vectors in ``data.items`` order, when the caller has them;
     ``neighbours``: the blend's table of what was known before the targets, when the caller has it;
     ``per_user``: as ``evaluate_scores``'s."""
-    from training.blend import META_KEY, blended_scorer, neighbours_from
+    from towers.neighbours import weight_of
+    from training.blend import blended_scorer, neighbours_from
 
     ev = ev or build_eval_set(data, split, which)
     score = model_scorer(model, data, ev, item_vecs=item_vecs)
-    weight = float(getattr(model, "meta", {}).get(META_KEY) or 0.0)
+    weight = weight_of(getattr(model, "meta", {}))
     if weight > 0:  # the blend the model was published with: the neighbours of what was known then
         nb = neighbours if neighbours is not None else neighbours_from(known_before(split, ev.which), ev.item_ids)
         score = blended_scorer(score, ev, nb, weight)

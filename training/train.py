@@ -51,7 +51,7 @@ from towers.artifacts import (
     versions,
     write_pointer,
 )
-from towers.neighbours import META_KEY as NEIGHBOUR_WEIGHT
+from towers.neighbours import set_weight as set_neighbour_weight
 from towers.schema import DataError
 from training.config import _RUNTIME_FIELDS, TrainConfig
 from training.defaults import DataStats, derive
@@ -449,7 +449,7 @@ def build_model(cfg: TrainConfig, prep: Prepared, version: str, device: Any, dis
     torch.manual_seed(cfg.seed)  # the same initial tables on every rank (DDP broadcasts only the rest)
     meta: dict[str, Any] = {"model_version": version}
     if cfg.neighbour_weight:  # fixed: validation scores the blend from the first epoch
-        meta[NEIGHBOUR_WEIGHT] = float(cfg.neighbour_weight)
+        set_neighbour_weight(meta, cfg.neighbour_weight)
     model = TwoTowerModel.create(cfg.tower_config(), prep.encoder, meta=meta)
     assert model.user_tower is not None and model.item_tower is not None
     if cfg.item_init == "transitions":
@@ -761,9 +761,7 @@ def end_epoch(cfg: TrainConfig, state: TrainState, built: Built, run: RunDir, re
     if improved:
         state.best_hr, state.best_epoch, state.bad_epochs = (hr if hr is not None else state.best_hr), record["epoch"], 0
         if "neighbours" in record:  # chosen for these towers: model.pt carries it (absent: weight 0)
-            built.model.meta.pop(NEIGHBOUR_WEIGHT, None)
-            if record["neighbours"]["weight"] > 0:
-                built.model.meta[NEIGHBOUR_WEIGHT] = record["neighbours"]["weight"]
+            set_neighbour_weight(built.model.meta, record["neighbours"]["weight"])
         if dist.is_main:
             save_checkpoint(run.dir / "model.pt", built.model,
                             meta={**built.model.meta, "model_version": run.version, "epoch": record["epoch"],

@@ -3,6 +3,7 @@ gate, and bad input refused through the real CLI with nothing published."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -40,8 +41,9 @@ def test_reindex_publishes_a_bundle_the_service_can_load(artifacts) -> None:
     assert set(b.popular) <= set(b.id_map.ids)
 
 
-def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_is_refused(artifacts) -> None:
+def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_is_refused(artifacts, caplog) -> None:
     from towers.checkpoint import load_checkpoint
+    from towers.neighbours import set_weight
 
     plain = run(ReindexConfig(artifacts=artifacts))
     assert plain.neighbour_weight == 0.0 and B.NEIGHBOURS not in plain.files
@@ -49,9 +51,18 @@ def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_i
 
     mdir = artifacts / "models" / "20240101T000000Z-aaaaaa"
     model = load_checkpoint(mdir / "model.pt")
-    save_checkpoint(mdir / "model.pt", model, {**model.meta, "neighbour_weight": 0.25})  # as training chose it
+    # a weight from before the cosine bonus (untagged, chosen for log(1 + n)): the towers alone, said so
+    save_checkpoint(mdir / "model.pt", model, {**model.meta, "neighbour_weight": 0.25})
+    with caplog.at_level("WARNING", logger="towers.neighbours"):
+        old = run(ReindexConfig(artifacts=artifacts))
+    assert old.neighbour_weight == 0.0 and B.NEIGHBOURS not in old.files
+    assert "chosen for the log(1 + n) bonus" in caplog.text
+
+    meta = dict(model.meta)
+    set_weight(meta, 0.25)  # as training chose it
+    save_checkpoint(mdir / "model.pt", model, meta)
     m = run(ReindexConfig(artifacts=artifacts))
-    assert m.neighbour_weight == 0.25 and B.NEIGHBOURS in m.files
+    assert m.neighbour_weight == 0.25 and m.neighbour_score == "cosine" and B.NEIGHBOURS in m.files
     b = B.load_bundle(B.current_bundle_dir(artifacts))
     nb = b.neighbours
     assert nb is not None and nb.n_items == m.n_items
@@ -63,7 +74,16 @@ def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_i
             if a != c:
                 assert c in nb.cols[nb.indptr[a]:nb.indptr[a + 1]]
 
+    # a bundle published before the cosine bonus (no neighbour_score): served by its towers alone
     bdir = B.current_bundle_dir(artifacts)
+    doc = json.loads((bdir / B.MANIFEST).read_text())
+    del doc["neighbour_score"]
+    (bdir / B.MANIFEST).write_text(json.dumps(doc))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="index.bundle"):
+        assert B.load_bundle(bdir).neighbours is None
+    assert "chosen for the log(1 + n) bonus" in caplog.text
+
     (bdir / B.NEIGHBOURS).unlink()
     with pytest.raises(B.BundleError, match="neighbours.npz: file missing"):
         B.validate_bundle(bdir)

@@ -96,10 +96,10 @@ def test_a_multi_interest_model_serves_the_top_k_by_the_best_interest(tmp_path, 
 def test_a_bundle_with_neighbours_ranks_by_tower_score_plus_the_last_items_neighbours(
         tmp_path, redis_url, redis_prefix, world):
     """The bundle blends the last item's neighbours in (weight w): the answer is the top k unseen items
-    by best-interest score + w * log(1 + n), n the times an item sat next to the user's last item in
-    anyone's history, brute force over the catalogue; neighbours the search alone would not return
+    by best-interest score + w * n / sqrt(T(last) T(item)), n the times an item sat next to the user's
+    last item in anyone's history and T an item's total over its neighbours, brute force over the catalogue; neighbours the search alone would not return
     come in. A new user's inline history is served the same way."""
-    w = 0.5
+    w = 2.0
     model = make_model(world, seed=4, history_encoder="attention", interests=3)
     publish_bundle(tmp_path, world, model, index_version="20250101T000000Z-0000nb", neighbour_weight=w)
     hist = histories_of(world.interactions)
@@ -110,12 +110,16 @@ def test_a_bundle_with_neighbours_ranks_by_tower_score_plus_the_last_items_neigh
         for a, b in zip(h[:-1], h[1:], strict=True):
             n[col[a], col[b]] += 1
             n[col[b], col[a]] += 1
+    total = n.sum(axis=1)
+    assert (n > 0).sum(axis=1).max() <= 32  # every item keeps all its neighbours (the table's top 32)
     vecs = model.embed_items(world.items)  # (N, D)
 
     def expected(user_id: str | None, history: list, k: int, weight: float) -> list:
         feats = world.users.reindex([user_id]) if user_id else None
         u = model.embed_users([user_id], feats, [history])  # (1, 3, D)
-        best = (u[0] @ vecs.T).max(axis=0) + weight * np.log1p(n[col[history[-1]]])  # (N,)
+        last = col[history[-1]]
+        cosine = n[last] / np.sqrt(total[last] * np.maximum(total, 1))  # 0 where n is
+        best = (u[0] @ vecs.T).max(axis=0) + weight * cosine  # (N,)
         best[np.isin(items, history)] = -np.inf
         return items[np.argsort(-best, kind="stable")[:k]].tolist()
 

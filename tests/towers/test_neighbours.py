@@ -34,11 +34,24 @@ def test_counts_go_both_ways_and_each_item_keeps_its_most_frequent_neighbours():
     assert nb.indptr[4] == nb.indptr[5]  # item 4 never sat next to anything
 
 
-def test_a_query_gets_its_last_items_neighbours_with_log_counts_and_no_history_gets_nothing():
+def test_a_query_gets_its_last_items_neighbours_scored_by_cosine_and_no_history_gets_nothing():
+    # counts: 0-1 twice, 0-2 once, 2-3 once; totals T: 0 -> 3, 1 -> 2, 2 -> 2, 3 -> 1
     nb = Neighbours.from_pairs(np.array([0, 0, 0, 2]), np.array([1, 1, 2, 3]), n_items=4)
     q, items, bonus = nb.bonus(np.array([-1, 0, 3]))
     got = {(int(a), int(b)): float(c) for a, b, c in zip(q, items, bonus, strict=True)}
-    assert got == pytest.approx({(1, 1): np.log(3.0), (1, 2): np.log(2.0), (2, 2): np.log(2.0)})
+    assert got == pytest.approx({(1, 1): 2 / np.sqrt(3 * 2), (1, 2): 1 / np.sqrt(3 * 2), (2, 2): 1 / np.sqrt(1 * 2)})
+
+
+def test_a_pair_with_a_popular_item_counts_for_less_than_the_same_pair_with_a_rare_one():
+    # 0 sat next to 1 three times and next to 2 three times; 2 also sat next to 3..9 ten times each
+    src = np.array([0] * 6 + [2] * 70)
+    dst = np.array([1] * 3 + [2] * 3 + [x for x in range(3, 10) for _ in range(10)])
+    nb = Neighbours.from_pairs(src, dst, n_items=10, top=4)  # 2 keeps 0 out of its top 4 (counts 3 < 10)
+    q, items, bonus = nb.bonus(np.array([0]))
+    got = dict(zip(items.tolist(), bonus.tolist(), strict=True))
+    assert got[1] == pytest.approx(3 / np.sqrt(6 * 3)) and got[2] == pytest.approx(3 / np.sqrt(6 * 40))
+    assert got[1] > 3 * got[2]
+    assert (bonus > 0).all() and (bonus <= 1).all()
 
 
 def test_a_saved_table_loads_equal_and_a_damaged_one_is_refused(tmp_path):

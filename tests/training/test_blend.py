@@ -87,7 +87,7 @@ def test_training_picks_a_weight_on_sequential_data_and_its_checkpoint_scores_wi
     chosen = res.metrics["neighbours"]
     assert chosen["weight"] > 0, chosen
     model = load_checkpoint(res.model_path)
-    assert model.meta["neighbour_weight"] == chosen["weight"]
+    assert model.meta["neighbour_weight"] == chosen["weight"] and model.meta["neighbour_score"] == "cosine"
     data = load_data(spec)
     split = split_leave_last_out(data)
     blended = evaluate_model(model, data, split, which="test", ks=(10, 50, 100))
