@@ -9,7 +9,8 @@ candidate's tower score
 
 where n counts how often the item sat right before or right after the user's last item in anyone's
 history (each item keeps its ``top`` most frequent neighbours) and T(x) is x's total over the
-neighbours it kept: the cosine of the two items' neighbour-count rows, so a popular item's many
+neighbours it kept: the cosine of the two items as 0/1 vectors over the adjacent pairs each took part
+in (Ochiai's coefficient), so a popular item's many
 pairs each weigh less, on either side. Training picks ``weight`` on the validation split, 0 leaving
 the towers' ranking alone (``training.blend``); the reindex job counts the pairs from the
 interactions it publishes (``index.reindex``); the service (``service.pipeline``) and the offline

@@ -122,8 +122,8 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
     flag("--tie-embeddings", help="share the history table with the item output table while training")
     flag("--item-init", help="the item id table's starting rows: random, or from the graph of items users had "
                              "one right after the other (pays on sequential data; data in memory only)")
-    flag("--neighbour-weight", help="recall adds this times the cosine of the user's last item and an item, over "
-                                    "the counts of items that sat next to each other in the histories (default: "
+    flag("--neighbour-weight", help="recall adds this times the cosine of the user's last item and an item over the "
+                                    "pairs of items that sat next to each other in the histories (default: "
                                     "chosen on the validation split; 0 = the towers alone)")
     flag("--user-features", "use_user_features")
     flag("--item-features", "use_item_features")

@@ -88,7 +88,7 @@ class TrainConfig(JobConfig):
     # results merged by score. None: DEFAULT_INTERESTS with the attention encoder, else 1
     interests: PositiveInt | None = None
     user_id_dropout: Fraction = 0.1         # share of examples whose user id is replaced by the OOV row
-    # recall adds weight * cosine(last, item) over the counts of items that sat next to each other in
+    # recall adds weight * cosine(last, item) over the pairs of items that sat next to each other in
     # the histories (towers/neighbours.py). None: chosen on the validation split after training, 0 among
     # the choices (training/blend.py; a streamed source keeps 0); a number fixes it, 0 turns it off
     neighbour_weight: NonNegativeFloat | None = None
