@@ -10,12 +10,11 @@ candidate's tower score
 where n counts how often the item sat right before or right after the user's last item in anyone's
 history (each item keeps its ``top`` most frequent neighbours) and T(x) is x's total over the
 neighbours it kept: the cosine of the two items as 0/1 vectors over the adjacent pairs each took part
-in (Ochiai's coefficient), so a popular item's many
-pairs each weigh less, on either side. Training picks ``weight`` on the validation split, 0 leaving
-the towers' ranking alone (``training.blend``); the reindex job counts the pairs from the
-interactions it publishes (``index.reindex``); the service (``service.pipeline``) and the offline
-evaluation (``training.evaluate``) both score with ``Neighbours.bonus``, so an answer over HTTP ranks
-as the evaluation ranked.
+in (Ochiai's coefficient), so a popular item's many pairs each weigh less, on either side. Training
+picks ``weight`` on the validation split, 0 leaving the towers' ranking alone (``training.blend``);
+the reindex job counts the pairs from the interactions it publishes (``index.reindex``); the service
+(``service.pipeline``) and the offline evaluation (``training.evaluate``) both score with
+``Neighbours.bonus``, so an answer over HTTP ranks as the evaluation ranked.
 
 Measured on the same trained towers, test HR@50 with the weight chosen on validation each time:
 the cosine against the raw log(1 + n) gained +0.0053 on synthetic-longtail (3.8 standard errors of
