@@ -147,14 +147,15 @@ class Neighbours:
     def load(cls, path: str | Path, n_items: int | None = None) -> Neighbours:
         """Read a table ``save`` wrote; ValueError when it is inconsistent (or not over ``n_items``)."""
         with np.load(path, allow_pickle=False) as z:
-            nb = cls(z["indptr"].astype(np.int64), z["cols"].astype(np.int64), z["counts"].astype(np.float32))
-        n = nb.n_items
-        bad = (n < 0 or nb.indptr[0] != 0 or nb.indptr[-1] != len(nb.cols) or len(nb.cols) != len(nb.counts)
-               or bool(np.any(np.diff(nb.indptr) < 0))
-               or (len(nb.cols) > 0 and (nb.cols.min() < 0 or nb.cols.max() >= n))
-               or not bool(np.isfinite(nb.counts).all()) or bool(np.any(nb.counts < 0)))
+            indptr, cols, counts = z["indptr"].astype(np.int64), z["cols"].astype(np.int64), z["counts"].astype(np.float32)
+        n = len(indptr) - 1
+        # checked before the table is built (its row totals read every row)
+        bad = (n < 0 or indptr[0] != 0 or indptr[-1] != len(cols) or len(cols) != len(counts)
+               or bool(np.any(np.diff(indptr) < 0))
+               or (len(cols) > 0 and (cols.min() < 0 or cols.max() >= n))
+               or not bool(np.isfinite(counts).all()) or bool(np.any(counts < 0)))
         if bad:
             raise ValueError(f"{path}: not a consistent neighbour table")
         if n_items is not None and n != n_items:
             raise ValueError(f"{path}: a table over {n} items for a catalogue of {n_items}")
-        return nb
+        return cls(indptr, cols, counts)

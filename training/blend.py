@@ -1,11 +1,12 @@
 """The towers' scores blended with the user's last item's neighbours (``towers.neighbours``).
 
 Training picks the blend's weight on the validation split (``choose_weight``, run once after the best
-epoch is known): it scores the validation users with the towers, adds ``weight * cosine(last, item)`` (``Neighbours.bonus``)
-for the neighbours of each user's last item, counted from the training split alone, and keeps the weight with
-the highest masked HR@K; ties go to the smaller weight. The chosen weight travels in the checkpoint's meta (``neighbour_weight``); the offline
-evaluation (``blended_scorer``) and the service apply it the same way. A gain that the validation
-users' noise could explain (``MIN_Z``) keeps 0.
+epoch is known): it scores the validation users with the towers, adds ``weight * cosine(last, item)``
+(``Neighbours.bonus``) for the neighbours of each user's last item, counted from the training split
+alone, and keeps the weight with the highest masked HR@K; ties go to the smaller weight. The chosen
+weight travels in the checkpoint's meta (``neighbour_weight``, tagged ``neighbour_score``); the
+offline evaluation (``blended_scorer``) and the service apply it the same way. A gain that the
+validation users' noise could explain (``MIN_Z``) keeps 0.
 """
 
 from __future__ import annotations

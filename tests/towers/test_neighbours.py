@@ -65,3 +65,6 @@ def test_a_saved_table_loads_equal_and_a_damaged_one_is_refused(tmp_path):
     np.savez(tmp_path / "bad.npz", indptr=nb.indptr, cols=nb.cols + 10, counts=nb.counts)  # rows past the end
     with pytest.raises(ValueError, match="not a consistent neighbour table"):
         Neighbours.load(tmp_path / "bad.npz")
+    np.savez(tmp_path / "short.npz", indptr=nb.indptr, cols=nb.cols, counts=nb.counts[:-1])  # a count missing
+    with pytest.raises(ValueError, match="not a consistent neighbour table"):
+        Neighbours.load(tmp_path / "short.npz")
