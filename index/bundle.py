@@ -67,8 +67,8 @@ from towers.artifacts import (
     versions,
     write_pointer,
 )
+from towers.neighbours import META_KEY, SCORE_KEY, UNTAGGED, Neighbours, weight_of
 from towers.neighbours import SCORE as NEIGHBOUR_SCORE
-from towers.neighbours import Neighbours
 from towers.schema import DataError
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ class Manifest:
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {sha256, bytes}
     n_cold_items: int = 0  # catalogue items the model never saw (embedded from content only)
     # recall adds this times the last item's neighbours' bonus (neighbours.npz, towers.neighbours);
-    # 0: towers alone. neighbour_score: the bonus it was chosen for (a manifest without one: log(1 + n))
+    # 0: towers alone. neighbour_score: the bonus it was chosen for (a manifest without one: UNTAGGED)
     neighbour_weight: float = 0.0
     neighbour_score: str = NEIGHBOUR_SCORE
     format: str = FORMAT
@@ -150,7 +150,7 @@ class Manifest:
                 history_len=int(d["history_len"]), files={str(k): dict(v) for k, v in d["files"].items()},
                 n_cold_items=int(d.get("n_cold_items", 0)), extra=dict(d.get("extra", {})),
                 neighbour_weight=float(d.get("neighbour_weight", 0.0)),
-                neighbour_score=str(d.get("neighbour_score", "log(1 + n)")),
+                neighbour_score=str(d.get("neighbour_score", UNTAGGED)),
             )
         except KeyError as exc:
             raise BundleError(f"{where}: manifest lacks field {exc.args[0]!r}") from exc
@@ -367,12 +367,9 @@ def validate_bundle(bundle_dir: str | Path, *, verify_checksums: bool = True, ch
 
 def _load_neighbours(d: Path, m: Manifest) -> Neighbours | None:
     """neighbours.npz when the manifest blends it into recall, else None."""
-    if not (m.neighbour_weight > 0):
-        return None
-    if m.neighbour_score != NEIGHBOUR_SCORE:  # published before the bonus changed: its weight means nothing now
-        log.warning("%s: neighbour_weight %g was chosen for the %s bonus, not the %s one; recall uses the towers "
-                    "alone until the model is retrained and reindexed", d / MANIFEST, m.neighbour_weight,
-                    m.neighbour_score, NEIGHBOUR_SCORE)
+    # 0 as well for a weight published for another bonus (before the cosine): its weight means nothing now
+    if not (weight_of({META_KEY: m.neighbour_weight, SCORE_KEY: m.neighbour_score},
+                      str(d / MANIFEST)) > 0):
         return None
     if not math.isfinite(m.neighbour_weight):
         raise BundleError(f"{d / MANIFEST}: neighbour_weight {m.neighbour_weight} is not finite")

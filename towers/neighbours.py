@@ -43,6 +43,7 @@ META_KEY = "neighbour_weight"  # the checkpoint meta's key for the weight (absen
 # was chosen for another bonus (before the cosine: log(1 + n), untagged) means nothing for this one
 SCORE = "cosine"
 SCORE_KEY = "neighbour_score"
+UNTAGGED = "log(1 + n)"  # what an untagged weight was chosen for
 
 
 def set_weight(meta: MutableMapping[str, Any], weight: float) -> None:
@@ -54,13 +55,14 @@ def set_weight(meta: MutableMapping[str, Any], weight: float) -> None:
 
 
 def weight_of(meta: Mapping[str, Any], where: str = "model") -> float:
-    """The weight a checkpoint's ``meta`` carries for this module's bonus: 0 without one, and 0 (with
-    a warning) for a weight chosen for another bonus: the towers alone until the model is retrained."""
+    """The weight a checkpoint's meta or a bundle's manifest (``META_KEY``, ``SCORE_KEY``) carries for
+    this module's bonus: 0 without one, and 0 (with a warning) for a weight chosen for another bonus:
+    the towers alone until the model is retrained and reindexed."""
     weight = float(meta.get(META_KEY) or 0.0)
     if weight > 0 and meta.get(SCORE_KEY) != SCORE:
         log.warning("%s: its neighbour weight %g was chosen for the %s bonus, not the %s one; recall uses "
-                    "the towers alone until it is retrained", where, weight, meta.get(SCORE_KEY) or "log(1 + n)",
-                    SCORE)
+                    "the towers alone until the model is retrained and reindexed", where, weight,
+                    meta.get(SCORE_KEY) or UNTAGGED, SCORE)
         return 0.0
     return weight
 
@@ -95,8 +97,13 @@ class Neighbours:
     totals: np.ndarray = field(init=False, repr=False, compare=False)  # (N,) each row's kept count
 
     def __post_init__(self) -> None:
-        rows = np.repeat(np.arange(len(self.indptr) - 1), np.diff(self.indptr))
-        object.__setattr__(self, "totals", np.bincount(rows, weights=self.counts, minlength=len(self.indptr) - 1))
+        # one sum per non-empty row (their starts rise strictly, each segment ending at the next start);
+        # a row-number array per entry would take 8 bytes x nnz (256 MB at 1M items x 32) at every load
+        totals = np.zeros(len(self.indptr) - 1)
+        full = self.indptr[:-1] < self.indptr[1:]
+        if full.any():
+            totals[full] = np.add.reduceat(self.counts, self.indptr[:-1][full], dtype=np.float64)
+        object.__setattr__(self, "totals", totals)
 
     @property
     def n_items(self) -> int:
@@ -134,8 +141,9 @@ class Neighbours:
         # positions start..end-1 of every query's item, flattened: a ragged arange
         at = np.repeat(starts - np.cumsum(lens) + lens, lens) + np.arange(int(lens.sum()))
         qq, cols = np.repeat(q, lens), self.cols[at]
-        # counts go both ways, so an item kept as a neighbour has pairs of its own (T > 0); a row cut
-        # at ``top`` can still miss the pair, so its cosine is capped at 1
+        # T(last) >= n (the pair is in last's row) and T(item) >= n (counts go both ways: item's row
+        # holds the pair, or, cut at ``top``, pairs at least as frequent), so the cosine is at most 1;
+        # the maximum only keeps a zero total out of the division
         norm = np.sqrt(self.totals[last[qq]] * np.maximum(self.totals[cols], self.counts[at]))
         return qq, cols, (self.counts[at] / norm).astype(np.float32)
 

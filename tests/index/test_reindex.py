@@ -80,7 +80,7 @@ def test_a_model_that_blends_neighbours_publishes_their_table_and_a_broken_one_i
     del doc["neighbour_score"]
     (bdir / B.MANIFEST).write_text(json.dumps(doc))
     caplog.clear()
-    with caplog.at_level("WARNING", logger="index.bundle"):
+    with caplog.at_level("WARNING", logger="towers.neighbours"):
         assert B.load_bundle(bdir).neighbours is None
     assert "chosen for the log(1 + n) bonus" in caplog.text
 
