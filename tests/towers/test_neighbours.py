@@ -32,6 +32,7 @@ def test_counts_go_both_ways_and_each_item_keeps_its_most_frequent_neighbours():
     assert nb.counts[nb.indptr[0]:nb.indptr[1]].tolist() == [3.0, 2.0]
     assert nb.cols[nb.indptr[1]:nb.indptr[2]].tolist() == [0]  # 1's neighbour: 0, counted both ways
     assert nb.indptr[4] == nb.indptr[5]  # item 4 never sat next to anything
+    assert nb.totals.tolist() == [5.0, 3.0, 2.0, 1.0, 0.0]  # each row's kept counts (0's third neighbour cut)
 
 
 def test_a_query_gets_its_last_items_neighbours_scored_by_cosine_and_no_history_gets_nothing():
